@@ -1,0 +1,49 @@
+"""accord: a distributed transaction coordinator (TCC and saga) for Python services."""
+
+from accord.coordinator import Coordinator, TxnResult
+from accord.core.machine import Outcome
+from accord.core.records import Decision, TxnStatus
+from accord.core.spec import BranchSpec, Op, Protocol, RetryPolicy, TransactionSpec
+from accord.errors import (
+    AccordError,
+    CoordinatorClosed,
+    DuplicateTransaction,
+    InvalidTransaction,
+    Overloaded,
+    SchemaVersionError,
+    StoreError,
+    TransactionNotFound,
+)
+from accord.log import MemoryStore, SQLiteStore, Store, open_store
+from accord.transport import Call, InProcessTransport, Reply, Transport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccordError",
+    "BranchSpec",
+    "Call",
+    "Coordinator",
+    "CoordinatorClosed",
+    "Decision",
+    "DuplicateTransaction",
+    "InProcessTransport",
+    "InvalidTransaction",
+    "MemoryStore",
+    "Op",
+    "Outcome",
+    "Overloaded",
+    "Protocol",
+    "Reply",
+    "RetryPolicy",
+    "SQLiteStore",
+    "SchemaVersionError",
+    "Store",
+    "StoreError",
+    "TransactionNotFound",
+    "TransactionSpec",
+    "Transport",
+    "TxnResult",
+    "TxnStatus",
+    "open_store",
+]

@@ -1,0 +1,497 @@
+"""The coordinator: the imperative shell around the pure state machine.
+
+For each transaction a driver coroutine feeds events into
+:func:`accord.core.machine.step` and performs the actions it returns, in
+order: append to the log (waiting for durability where the action says so),
+send participant calls as tasks, arm timers. Everything that decides lives in
+the machine; everything that waits lives here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import msgspec
+
+from accord import _crash
+from accord.core import machine
+from accord.core.machine import (
+    AbortRequested,
+    Action,
+    ArmDeadline,
+    DeadlineExpired,
+    Event,
+    Finish,
+    Outcome,
+    Persist,
+    Replied,
+    RetryDue,
+    RetryRequested,
+    ScheduleRetry,
+    Send,
+    TxnState,
+)
+from accord.core.records import (
+    Attempted,
+    Begin,
+    BranchSummary,
+    Decided,
+    Decision,
+    Ended,
+    OperatorAction,
+    TxnSnapshot,
+    TxnStatus,
+)
+from accord.core.spec import TransactionSpec
+from accord.errors import (
+    AccordError,
+    CoordinatorClosed,
+    DuplicateTransaction,
+    TransactionNotFound,
+)
+from accord.log.base import Store
+from accord.transport.base import Call, Reply, Transport
+
+log = logging.getLogger("accord.coordinator")
+_encode = msgspec.json.Encoder().encode
+
+DEFAULT_MAX_IN_FLIGHT = 1000
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class TxnResult:
+    """How a transaction ended, as its caller hears it."""
+
+    txid: str
+    status: TxnStatus
+    reason: str
+    branches: tuple[BranchSummary, ...] = ()
+    latency_s: float = 0.0
+
+    @property
+    def committed(self) -> bool:
+        return self.status is TxnStatus.COMMITTED
+
+
+@dataclass(slots=True)
+class Metrics:
+    """Counters of what the coordinator did (cheap ints on the hot path)."""
+
+    started: int = 0
+    recovered: int = 0
+    committed: int = 0
+    aborted: int = 0
+    needs_attention: int = 0
+    calls: int = 0
+    retries: int = 0
+    outcomes: dict[str, int] = field(default_factory=lambda: {o.value: 0 for o in Outcome})
+
+
+class _Run:
+    """One transaction being driven: its state, inbox and timers.
+
+    Driven by callbacks, not a task: events are applied as they arrive, and
+    when an action must wait for the log to be durable the rest of the batch
+    resumes from the sync future's callback. ``busy`` keeps events that
+    arrive meanwhile in the inbox, so they are applied in order.
+    """
+
+    __slots__ = ("busy", "events", "finished", "result", "started_s", "state", "timers")
+
+    def __init__(self, state: TxnState, result: asyncio.Future[TxnResult], started_s: float):
+        self.state = state
+        self.events: deque[Event] = deque()
+        self.busy = False
+        self.result = result
+        self.timers: list[asyncio.TimerHandle] = []
+        self.started_s = started_s
+        self.finished = False
+
+
+_CRASH_KIND = {
+    Begin: "begin",
+    Attempted: "attempt",
+    Ended: "end",
+    OperatorAction: "operator",
+}
+
+
+def _crash_kind(record: object) -> str:
+    if isinstance(record, Decided):
+        return "commit" if record.decision is Decision.COMMIT else "abort"
+    return _CRASH_KIND[type(record)]
+
+
+class Coordinator:
+    """Drives global transactions to a terminal status, durably.
+
+    ``max_in_flight`` bounds the transactions driven at once: ``submit`` waits
+    for a slot (backpressure) rather than growing without bound.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        transport: Transport,
+        *,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        clock_ms: Callable[[], int] = wall_clock_ms,
+        rng: random.Random | None = None,
+    ) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self.store = store
+        self.transport = transport
+        self.max_in_flight = max_in_flight
+        self.metrics = Metrics()
+        self._now_ms = clock_ms
+        self._random = (rng or random.Random()).random
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._runs: dict[str, _Run] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._open = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self, *, recover: bool = True) -> list[asyncio.Future[TxnResult]]:
+        """Open the log and (by default) resume every unfinished transaction.
+
+        Returns the result futures of the resumed transactions."""
+        self._loop = asyncio.get_running_loop()
+        await self.store.open()
+        self._open = True
+        return await self.resume() if recover else []
+
+    async def close(self) -> None:
+        """Stop driving: pending work stays in the log for the next start."""
+        self._open = False
+        for run in list(self._runs.values()):
+            self._finish(run, None)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.store.close()
+        await self.transport.close()
+
+    async def __aenter__(self) -> Coordinator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._runs)
+
+    # ------------------------------------------------------------ submitting
+
+    async def submit(self, spec: TransactionSpec) -> asyncio.Future[TxnResult]:
+        """Start ``spec`` once a slot is free; returns a future of its result.
+
+        Submitting an id again with the same spec returns the same outcome;
+        with a different spec it raises :class:`DuplicateTransaction`."""
+        if not self._open:
+            raise CoordinatorClosed("the coordinator is not running")
+        existing = self._runs.get(spec.id)
+        if existing is not None:
+            if _encode(existing.state.spec.to_dict()) != _encode(spec.to_dict()):
+                raise DuplicateTransaction(
+                    f"transaction {spec.id!r} exists with a different spec", txid=spec.id
+                )
+            return existing.result
+        await self._slots.acquire()
+        state, actions = machine.start(spec, self._now_ms())
+        self.metrics.started += 1
+        return self._launch(state, actions)
+
+    async def run(self, spec: TransactionSpec) -> TxnResult:
+        """Submit ``spec`` and wait until it is terminal."""
+        return await (await self.submit(spec))
+
+    async def resume(self) -> list[asyncio.Future[TxnResult]]:
+        """Drive every non-terminal transaction found in the log."""
+        snaps = await self.store.load_active()
+        _crash.hit("recovery.loaded")
+        futures = []
+        for snap in snaps:
+            if snap.txid in self._runs:
+                continue
+            futures.append(await self._resume_one(snap))
+        return futures
+
+    async def _resume_one(self, snap: TxnSnapshot) -> asyncio.Future[TxnResult]:
+        await self._slots.acquire()
+        state, actions = machine.recover(snap, self._now_ms())
+        self.metrics.recovered += 1
+        fut = self._launch(state, actions)
+        _crash.hit("recovery.resumed")
+        return fut
+
+    def _launch(self, state: TxnState, actions: list[Action]) -> asyncio.Future[TxnResult]:
+        assert self._loop is not None
+        result: asyncio.Future[TxnResult] = self._loop.create_future()
+        run = _Run(state, result, self._loop.time())
+        self._runs[state.txid] = run
+        self._pump(run, actions, 0)
+        return result
+
+    # ------------------------------------------------------------ operator actions
+
+    async def retry(self, txid: str, reason: str) -> asyncio.Future[TxnResult] | None:
+        """Retry waiting calls now; resume a needs-attention transaction."""
+        run = self._runs.get(txid)
+        if run is not None:
+            self._post(run, RetryRequested(reason, self._now_ms()))
+            return run.result
+        snap = await self.store.get(txid)
+        if snap is None:
+            raise TransactionNotFound(f"no transaction {txid!r}", txid=txid)
+        if snap.status is not TxnStatus.NEEDS_ATTENTION:
+            return None
+        self.store.append(OperatorAction(txid, "retry", reason, self._now_ms()))
+        await self.store.flush()
+        snap = await self.store.get(txid)
+        if snap is None or snap.status.terminal:
+            raise AccordError(f"transaction {txid!r} could not be resumed", txid=txid)
+        return await self._resume_one(snap)
+
+    def abort(self, txid: str, reason: str) -> bool:
+        """Ask a running transaction to abort; True if it had no decision yet."""
+        run = self._runs.get(txid)
+        if run is None or run.state.decision is not None:
+            return False
+        self._post(run, AbortRequested(reason, self._now_ms()))
+        return True
+
+    # ------------------------------------------------------------ the driver
+
+    def _post(self, run: _Run, event: Event) -> None:
+        if run.finished:
+            return
+        run.events.append(event)
+        if not run.busy:
+            self._pump(run, None, 0)
+
+    def _pump(self, run: _Run, actions: list[Action] | None, index: int) -> None:
+        """Perform ``actions[index:]``, then apply queued events until the
+        inbox is empty or an action has to wait for the log."""
+        run.busy = True
+        try:
+            events = run.events
+            while True:
+                if actions is not None and self._perform(run, actions, index):
+                    return  # waiting for the log; _resume continues
+                if run.finished or not events:
+                    break
+                run.state, actions = machine.step(run.state, events.popleft())
+                index = 0
+        except Exception as exc:  # noqa: BLE001 - the log holds the truth
+            # The log could not be written: stop acting for this transaction.
+            # Its fate is whatever the log says; recovery resumes it.
+            log.error("transaction %s stopped: %s", run.state.txid, exc)
+            self._finish(run, None, exc)
+        run.busy = False
+
+    def _perform(self, run: _Run, actions: list[Action], index: int) -> bool:
+        """Perform actions from ``index``; True if stopped to wait for the log."""
+        store = self.store
+        for i in range(index, len(actions)):
+            action = actions[i]
+            kind = type(action)
+            if kind is Send:
+                self._send(run, action)  # type: ignore[arg-type]
+            elif kind is Persist:
+                record = action.record  # type: ignore[union-attr]
+                store.append(record)
+                if _crash.ENABLED:
+                    _crash.hit(f"log.{_crash_kind(record)}.appended")
+                if action.durable:  # type: ignore[union-attr]
+                    pending = store.sync()
+                    if pending is not None:
+                        fut = asyncio.ensure_future(pending)
+                        fut.add_done_callback(partial(self._resume, run, actions, i))
+                        return True
+                    self._durable(run, record, frozenset())
+            elif kind is ScheduleRetry:
+                self.metrics.retries += 1
+                self._arm(run, action.at_ms, self._retry_due, action)  # type: ignore[union-attr]
+            elif kind is ArmDeadline:
+                self._arm(run, action.at_ms, self._deadline, None)  # type: ignore[union-attr]
+            elif kind is Finish:
+                self._finish(run, action.status)  # type: ignore[union-attr]
+        return False
+
+    def _resume(
+        self, run: _Run, actions: list[Action], i: int, synced: asyncio.Future[frozenset[str]]
+    ) -> None:
+        """The record at ``actions[i]`` is durable (or failed): carry on."""
+        if run.finished:
+            return
+        try:
+            rejected = synced.result()
+            record = actions[i].record  # type: ignore[union-attr]
+            if not self._durable(run, record, rejected):
+                return
+        except Exception as exc:  # noqa: BLE001 - see _pump
+            log.error("transaction %s stopped: %s", run.state.txid, exc)
+            self._finish(run, None, exc)
+            return
+        self._pump(run, actions, i + 1)
+
+    def _durable(self, run: _Run, record: object, rejected: frozenset[str]) -> bool:
+        """Checks after a durable write; False if the transaction must stop."""
+        if type(record) is Begin and run.state.txid in rejected:
+            self._spawn(self._duplicate(run))
+            return False
+        if _crash.ENABLED:
+            _crash.hit(f"log.{_crash_kind(record)}.durable")
+        return True
+
+    async def _duplicate(self, run: _Run) -> None:
+        """Begin was refused: the id exists in the log already. The same spec
+        gets that transaction's outcome; a different one an error."""
+        spec = run.state.spec
+        try:
+            snap = await self.store.get(spec.id)
+        except Exception as exc:  # noqa: BLE001
+            self._finish(run, None, exc)
+            return
+        if snap is None or _encode(snap.spec.to_dict()) != _encode(spec.to_dict()):
+            self._finish(
+                run,
+                None,
+                DuplicateTransaction(
+                    f"transaction {spec.id!r} exists with a different spec", txid=spec.id
+                ),
+            )
+            return
+        run.finished = True
+        self._release(run)
+        if not run.result.done():
+            run.result.set_result(TxnResult(spec.id, snap.status, snap.reason, snap.branches))
+
+    def _send(self, run: _Run, send: Send) -> None:
+        self.metrics.calls += 1
+        spec = run.state.spec
+        branch = spec.branches[send.branch]
+        call = Call(
+            spec.id,
+            branch.name,
+            send.op,
+            branch.participant,
+            branch.payload,
+            send.attempt,
+            branch.timeout_s,
+        )
+        try:
+            started = self.transport.start(call)
+        except Exception as exc:
+            log.exception("transport raised for %s/%s %s", spec.id, branch.name, send.op)
+            started = Reply(Outcome.TRANSIENT, error=f"transport error: {exc!r}")
+        if isinstance(started, Reply):
+            self._replied(run, send, started)
+            return
+        fut = asyncio.ensure_future(started)  # a Future stays itself; a coroutine becomes a Task
+        if isinstance(fut, asyncio.Task):
+            self._tasks.add(fut)
+        fut.add_done_callback(partial(self._reply_ready, run, send))
+
+    def _reply_ready(self, run: _Run, send: Send, fut: asyncio.Future[Reply]) -> None:
+        if isinstance(fut, asyncio.Task):
+            self._tasks.discard(fut)
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            log.error("transport failed for %s %s: %r", run.state.txid, send.op, exc)
+            reply = Reply(Outcome.TRANSIENT, error=f"transport error: {exc!r}")
+        else:
+            reply = fut.result()
+        self._replied(run, send, reply)
+
+    def _replied(self, run: _Run, send: Send, reply: Reply) -> None:
+        self.metrics.outcomes[reply.outcome.value] += 1
+        self._post(
+            run,
+            Replied(
+                send.branch,
+                send.op,
+                send.attempt,
+                reply.outcome,
+                self._now_ms(),
+                self._random(),
+                reply.result,
+                reply.error,
+                reply.retry_after_s,
+            ),
+        )
+
+    def _arm(self, run: _Run, at_ms: int, fire: Callable[[_Run, Any], None], arg: Any) -> None:
+        assert self._loop is not None
+        delay_s = max(at_ms - self._now_ms(), 0) / 1000
+        run.timers.append(self._loop.call_later(delay_s, fire, run, arg))
+
+    def _retry_due(self, run: _Run, action: ScheduleRetry) -> None:
+        self._post(run, RetryDue(action.branch, action.op, action.attempt, self._now_ms()))
+
+    def _deadline(self, run: _Run, _: None) -> None:
+        self._post(run, DeadlineExpired(self._now_ms()))
+
+    def _finish(
+        self, run: _Run, status: TxnStatus | None, error: BaseException | None = None
+    ) -> None:
+        if run.finished:
+            return
+        run.finished = True
+        self._release(run)
+        result = run.result
+        if result.done():
+            return
+        if status is None:
+            result.set_exception(error or CoordinatorClosed("the coordinator stopped"))
+            return
+        if status is TxnStatus.COMMITTED:
+            self.metrics.committed += 1
+        elif status is TxnStatus.ABORTED:
+            self.metrics.aborted += 1
+        else:
+            self.metrics.needs_attention += 1
+        state = run.state
+        assert self._loop is not None
+        result.set_result(
+            TxnResult(
+                state.txid,
+                status,
+                state.reason,
+                machine.summaries(state),
+                self._loop.time() - run.started_s,
+            )
+        )
+
+    def _release(self, run: _Run) -> None:
+        for timer in run.timers:
+            timer.cancel()
+        run.timers.clear()
+        if self._runs.get(run.state.txid) is run:
+            del self._runs[run.state.txid]
+            self._slots.release()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,1 @@
+"""The pure core: specs, log records and the transaction state machine."""

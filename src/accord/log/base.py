@@ -1,0 +1,89 @@
+"""The durable log's one seam: every store (memory, SQLite, PostgreSQL) does this."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable
+from dataclasses import dataclass
+
+from accord.core.records import LogRecord, TxnSnapshot, TxnStatus
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class TxnRow:
+    """One line of a listing."""
+
+    id: str
+    protocol: str
+    status: TxnStatus
+    decision: str | None
+    reason: str
+    branches: int
+    created_at_ms: int
+    updated_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    records: int
+    batches: int
+    commit_seconds: float
+
+    @property
+    def records_per_batch(self) -> float:
+        return self.records / self.batches if self.batches else 0.0
+
+
+class Store(abc.ABC):
+    """Intent log of global transactions.
+
+    ``append`` queues a record (ordered, never blocks); ``sync`` returns an
+    awaitable that resolves once everything appended before it is durable,
+    with the set of transaction ids whose ``Begin`` was refused because the id
+    already existed (or ``None`` when nothing is pending). A store checks every
+    transition before writing (a decision never flips, nothing leaves a
+    terminal status) and again when it reads a transaction back; records that
+    fail the check are not written and are listed in ``violations``.
+    """
+
+    violations: list[str]
+
+    @abc.abstractmethod
+    async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Make everything appended durable, then release resources."""
+
+    @abc.abstractmethod
+    def append(self, record: LogRecord) -> None: ...
+
+    @abc.abstractmethod
+    def sync(self) -> Awaitable[frozenset[str]] | None: ...
+
+    @abc.abstractmethod
+    async def load_active(self) -> list[TxnSnapshot]:
+        """Every transaction not yet in a terminal status."""
+
+    @abc.abstractmethod
+    async def get(self, txid: str) -> TxnSnapshot | None: ...
+
+    @abc.abstractmethod
+    async def list(
+        self, status: TxnStatus | None = None, limit: int = 100, after_id: str | None = None
+    ) -> list[TxnRow]: ...
+
+    @abc.abstractmethod
+    async def count_by_status(self) -> dict[TxnStatus, int]: ...
+
+    @abc.abstractmethod
+    def stats(self) -> StoreStats: ...
+
+    async def flush(self) -> frozenset[str]:
+        """Wait until everything appended so far is durable."""
+        pending = self.sync()
+        if pending is None:
+            return frozenset()
+        return await pending
