@@ -25,6 +25,7 @@ MAX_ID_LENGTH = 128
 MAX_TIMEOUT_S = 3600.0
 MAX_DEADLINE_S = 7 * 24 * 3600.0
 MAX_ATTEMPTS = 1000
+MAX_PAYLOAD_DEPTH = 64
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _json_encoder = msgspec.json.Encoder()
@@ -54,6 +55,30 @@ def _finite_positive(name: str, value: float, upper: float) -> None:
         raise InvalidTransaction(name, f"must be a positive finite number, got {value!r}")
     if value > upper:
         raise InvalidTransaction(name, f"must be at most {upper:g}, got {value!r}")
+
+
+def _check_json(payload: Any, where: str) -> None:
+    """Reject what the encoder accepts but JSON cannot carry unchanged through the
+    log: NaN and infinities (encoded as null), non-string object keys (encoded
+    as strings) and nesting deep enough to fail decoding in a deeper stack."""
+    stack: list[tuple[Any, int]] = [(payload, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise InvalidTransaction(where, f"{value!r} is not a JSON number")
+        elif isinstance(value, dict | list | tuple):
+            if depth > MAX_PAYLOAD_DEPTH:
+                raise InvalidTransaction(
+                    where, f"is nested more than {MAX_PAYLOAD_DEPTH} levels deep"
+                )
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    if not isinstance(key, str):
+                        raise InvalidTransaction(where, f"object keys must be strings, got {key!r}")
+                    stack.append((item, depth + 1))
+            else:
+                stack.extend((item, depth + 1) for item in value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +116,9 @@ class RetryPolicy:
                 "retry.maximum_attempts",
                 f"must be between 1 and {MAX_ATTEMPTS}, got {self.maximum_attempts}",
             )
+        if not isinstance(self.jitter, bool):
+            # A truthy string such as "no" must not silently mean "on".
+            raise InvalidTransaction("retry.jitter", f"must be true or false, got {self.jitter!r}")
 
     def delay_s(self, failed_attempts: int, jitter_sample: float) -> float:
         """Seconds to wait after ``failed_attempts`` failures; ``jitter_sample`` in [0, 1)."""
@@ -141,12 +169,17 @@ class BranchSpec:
         _finite_positive(f"{where}.timeout_s", self.timeout_s, MAX_TIMEOUT_S)
         try:
             size = len(_json_encoder.encode(self.payload))
+        except RecursionError:
+            raise InvalidTransaction(
+                f"{where}.payload", f"is nested more than {MAX_PAYLOAD_DEPTH} levels deep"
+            ) from None
         except (TypeError, ValueError, OverflowError) as exc:
             raise InvalidTransaction(f"{where}.payload", f"must be JSON-encodable: {exc}") from exc
         if size > MAX_PAYLOAD_BYTES:
             raise InvalidTransaction(
                 f"{where}.payload", f"is {size} bytes encoded, the limit is {MAX_PAYLOAD_BYTES}"
             )
+        _check_json(self.payload, f"{where}.payload")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -176,7 +209,9 @@ class TransactionSpec:
     sequential: bool = False
 
     def __post_init__(self) -> None:
-        if not self.id:
+        # Only an absent id (empty or None) is generated; 0, False or [] are
+        # malformed ids and must not silently lose the caller's idempotency key.
+        if self.id is None or self.id == "":
             object.__setattr__(self, "id", uuid.uuid4().hex)
         if (
             not isinstance(self.id, str)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import builtins
 from collections.abc import Awaitable
 from dataclasses import dataclass
 
@@ -77,6 +78,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def count_by_status(self) -> dict[TxnStatus, int]: ...
+
+    @abc.abstractmethod
+    async def snapshots(self) -> builtins.list[TxnSnapshot]:
+        """Every transaction in the log (for checkers and exports)."""
 
     @abc.abstractmethod
     def stats(self) -> StoreStats: ...

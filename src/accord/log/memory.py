@@ -8,6 +8,7 @@ simulation test what a real crash loses.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import copy
 
 from accord.core.records import (
@@ -122,6 +123,9 @@ class MemoryStore(Store):
         for s in self._txns.values():
             counts[s.status] = counts.get(s.status, 0) + 1
         return counts
+
+    async def snapshots(self) -> builtins.list[TxnSnapshot]:
+        return [copy.deepcopy(s) for s in self._txns.values()]
 
     def stats(self) -> StoreStats:
         return StoreStats(records=self._records, batches=self._batches, commit_seconds=0.0)

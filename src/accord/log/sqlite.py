@@ -246,6 +246,10 @@ class SQLiteStore(Store):
 
         return await asyncio.to_thread(run)
 
+    async def snapshots(self) -> builtins.list[TxnSnapshot]:
+        sql = "SELECT txid, kind, at_ms, body FROM log ORDER BY txid, seq"
+        return await asyncio.to_thread(lambda: builtins.list(self._scan(sql, ())))
+
     def _read(self, sql: str, params: Sequence[Any]) -> builtins.list[TxnSnapshot]:
         """Fold rows (any order of transactions, each in seq order)."""
         conn = self._connect()

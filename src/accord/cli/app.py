@@ -1,0 +1,342 @@
+"""``accord demo | recover | verify | txn list | txn show``."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from accord.core.records import TxnStatus
+from accord.errors import AccordError
+from accord.log import MemoryStore, Store, open_store
+from accord.sim.demo import DemoConfig, recover_run, run_demo, verify_run
+
+app = typer.Typer(
+    help="accord: a distributed transaction coordinator (TCC and saga).",
+    no_args_is_help=True,
+    add_completion=False,
+)
+txn_app = typer.Typer(help="Inspect the transactions in a log.", no_args_is_help=True)
+app.add_typer(txn_app, name="txn")
+
+err = Console(stderr=True)
+out = Console()
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+def _progress(total: int, label: str, enabled: bool) -> tuple[Any, Any]:
+    if not enabled or total == 0:
+        return None, None
+    bar = Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    )
+    task = bar.add_task(label, total=total)
+    return bar, lambda done: bar.update(task, completed=done)
+
+
+def _print_summary(title: str, summary: dict[str, Any]) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for key in (
+        "orders",
+        "recovered",
+        "transactions",
+        "committed",
+        "aborted",
+        "needs_attention",
+        "stuck",
+        "retries",
+        "duplicates_delivered",
+        "duplicates_applied",
+        "throughput_tps",
+        "duration_s",
+        "recovery_s",
+    ):
+        if key in summary:
+            table.add_row(key.replace("_", " "), str(summary[key]))
+    if "latency_ms" in summary:
+        lat = summary["latency_ms"]
+        table.add_row("latency p50/p95/p99", f"{lat['p50']} / {lat['p95']} / {lat['p99']} ms")
+    if "records_per_batch" in summary:
+        table.add_row(
+            "log group commit",
+            f"{summary['log_records']} records in {summary['log_batches']} commits "
+            f"({summary['records_per_batch']} per commit)",
+        )
+    if summary.get("faults"):
+        faults = ", ".join(f"{k} {v}" for k, v in summary["faults"].items() if v)
+        table.add_row("faults injected", faults or "none")
+    if summary.get("abort_reasons"):
+        table.add_row(
+            "abort reasons", ", ".join(f"{k} {v}" for k, v in summary["abort_reasons"].items())
+        )
+    out.print(table)
+    inv = Table(title="Invariants", title_justify="left")
+    inv.add_column("invariant")
+    inv.add_column("result")
+    for name, ok in summary["invariants"].items():
+        inv.add_row(name, "[green]pass[/]" if ok else "[bold red]FAIL[/]")
+    out.print(inv)
+    for name, problems in summary.get("violations", {}).items():
+        for problem in problems:
+            out.print(f"[red]{name}[/]: {problem}")
+
+
+def _finish(summary: dict[str, Any], as_json: bool, title: str) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+    else:
+        _print_summary(title, summary)
+    if not all(summary["invariants"].values()):
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    orders: Annotated[int, typer.Option(help="Orders to run.")] = 2000,
+    concurrency: Annotated[int, typer.Option(help="Transactions in flight at once.")] = 100,
+    protocol: Annotated[str, typer.Option(help="tcc or saga.")] = "tcc",
+    fault_rate: Annotated[float, typer.Option(help="Probability of a fault per call.")] = 0.05,
+    latency_ms: Annotated[float, typer.Option(help="Median injected latency (0 = none).")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed of the workload and the faults.")] = 1,
+    data: Annotated[
+        Path | None, typer.Option(help="Directory for the log and the services' databases.")
+    ] = None,
+    store: Annotated[str, typer.Option(help="Where the log lives: sqlite:///PATH or memory.")] = "",
+    synchronous: Annotated[
+        str, typer.Option(help="SQLite log durability: FULL (default) or NORMAL.")
+    ] = "FULL",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Seed a shop, run orders through accord with faults, check every invariant."""
+    if data is None:
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        data = Path(".accord") / f"run-{stamp}-{time.time_ns() % 10**6:06d}"
+    try:
+        config = DemoConfig(
+            orders=orders,
+            concurrency=concurrency,
+            protocol=protocol,
+            fault_rate=fault_rate,
+            latency_ms=latency_ms,
+            seed=seed,
+            data=str(data),
+            store=store,
+            synchronous=synchronous.upper(),
+        )
+        if store and store != "memory":
+            open_store(store)  # validate the URL before anything is created
+    except ValueError as exc:
+        _fail(str(exc))
+    bar, update = _progress(orders, "orders", not as_json)
+    try:
+        if bar is not None:
+            with bar:
+                summary = asyncio.run(run_demo(config, update))
+        else:
+            summary = asyncio.run(run_demo(config, update))
+    except (AccordError, OSError, ValueError) as exc:
+        _fail(str(exc))
+    _finish(summary, as_json, f"accord demo ({protocol}, {orders} orders) in {data}")
+
+
+@app.command()
+def recover(
+    data: Annotated[Path, typer.Option(help="Directory of an interrupted demo run.")],
+    fault_rate: Annotated[float, typer.Option(help="Faults to inject while recovering.")] = 0.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Resume every unfinished transaction of a run, wait until all are terminal, check."""
+    try:
+        summary = asyncio.run(recover_run(data, fault_rate=fault_rate))
+    except (AccordError, OSError, ValueError) as exc:
+        _fail(str(exc))
+    _finish(summary, as_json, f"accord recover {data}")
+
+
+@app.command()
+def verify(
+    data: Annotated[Path, typer.Option(help="Directory of a demo run.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Check the invariants on the persisted state of a run."""
+    try:
+        summary = asyncio.run(verify_run(data))
+    except (AccordError, OSError, ValueError) as exc:
+        _fail(str(exc))
+    _finish(summary, as_json, f"accord verify {data}")
+
+
+def _open_log(data: Path | None, store: str) -> Store:
+    if store:
+        opened = open_store(store)
+    elif data is not None:
+        path = data / "coordinator.db"
+        if not path.exists():
+            _fail(f"{path} not found: --data must be a directory of a demo run")
+        opened = open_store(f"sqlite://{path.resolve()}")
+    else:
+        _fail("give --data DIR or --store URL")
+    if isinstance(opened, MemoryStore):
+        _fail("an in-memory log cannot be inspected from another process")
+    return opened
+
+
+@txn_app.command("list")
+def txn_list(
+    data: Annotated[Path | None, typer.Option(help="Directory of a demo run.")] = None,
+    store: Annotated[str, typer.Option(help="Log URL (sqlite:///PATH).")] = "",
+    state: Annotated[str, typer.Option(help="Only this status.")] = "",
+    limit: Annotated[int, typer.Option(help="At most this many.")] = 50,
+    after: Annotated[str, typer.Option(help="Start after this id (paging).")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+) -> None:
+    """List transactions, in id order."""
+    status = None
+    if state:
+        try:
+            status = TxnStatus(state)
+        except ValueError:
+            _fail(f"--state must be one of {', '.join(s.value for s in TxnStatus)}")
+    if not 1 <= limit <= 100_000:
+        _fail("--limit must be between 1 and 100000")
+    log = _open_log(data, store)
+
+    async def go() -> list[Any]:
+        await log.open()
+        try:
+            return await log.list(status, limit, after or None)
+        finally:
+            await log.close()
+
+    rows = asyncio.run(go())
+    if as_json:
+        for r in rows:
+            sys.stdout.write(
+                json.dumps(
+                    {
+                        "id": r.id,
+                        "protocol": r.protocol,
+                        "status": r.status.value,
+                        "decision": r.decision,
+                        "reason": r.reason,
+                        "branches": r.branches,
+                        "created_at_ms": r.created_at_ms,
+                        "updated_at_ms": r.updated_at_ms,
+                    }
+                )
+                + "\n"
+            )
+        return
+    table = Table(title=f"{len(rows)} transactions")
+    for col in ("id", "protocol", "status", "branches", "created", "reason"):
+        table.add_column(col)
+    for r in rows:
+        created = dt.datetime.fromtimestamp(r.created_at_ms / 1000).strftime("%H:%M:%S.%f")[:-3]
+        table.add_row(r.id, r.protocol, r.status.value, str(r.branches), created, r.reason[:60])
+    out.print(table)
+
+
+@txn_app.command("show")
+def txn_show(
+    txid: Annotated[str, typer.Argument(help="Transaction id.")],
+    data: Annotated[Path | None, typer.Option(help="Directory of a demo run.")] = None,
+    store: Annotated[str, typer.Option(help="Log URL (sqlite:///PATH).")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Show one transaction: status, decision, branches, history."""
+    log = _open_log(data, store)
+
+    async def go() -> Any:
+        await log.open()
+        try:
+            return await log.get(txid)
+        finally:
+            await log.close()
+
+    snap = asyncio.run(go())
+    if snap is None:
+        _fail(f"no transaction {txid!r} in this log")
+    detail = {
+        "id": snap.txid,
+        "protocol": snap.spec.protocol.value,
+        "status": snap.status.value,
+        "decision": snap.decision.value if snap.decision else None,
+        "reason": snap.reason,
+        "created_at_ms": snap.created_at_ms,
+        "deadline_at_ms": snap.deadline_at_ms,
+        "updated_at_ms": snap.updated_at_ms,
+        "branches": [
+            {"name": b.name, "participant": b.participant, "payload": b.payload}
+            | (
+                {
+                    "status": s.status,
+                    "op": s.op,
+                    "attempts": s.attempts,
+                    "error": s.error,
+                    "result": s.result,
+                }
+                if s is not None
+                else {}
+            )
+            for b, s in zip(
+                snap.spec.branches,
+                list(snap.branches) or [None] * len(snap.spec.branches),
+                strict=True,
+            )
+        ],
+        "history": [
+            {"record": type(r).__name__, **{k: v for k, v in r._asdict().items() if k != "spec"}}
+            for r in snap.history
+        ],
+    }
+    if as_json:
+        sys.stdout.write(json.dumps(detail, default=str) + "\n")
+        return
+    out.print(
+        f"[bold]{detail['id']}[/] {detail['protocol']} [bold]{detail['status']}[/]"
+        f" decision={detail['decision']} reason={detail['reason']!r}"
+    )
+    table = Table(title="branches")
+    for col in ("name", "participant", "status", "op", "attempts", "error"):
+        table.add_column(col)
+    for b in detail["branches"]:
+        table.add_row(
+            b["name"],
+            b["participant"],
+            str(b.get("status", "-")),
+            str(b.get("op", "-")),
+            str(b.get("attempts", "-")),
+            str(b.get("error", ""))[:60],
+        )
+    out.print(table)
+    history = Table(title="log records")
+    history.add_column("record")
+    history.add_column("detail")
+    for h in detail["history"]:
+        rest = {k: v for k, v in h.items() if k not in ("record", "txid", "branches")}
+        history.add_row(h["record"], json.dumps(rest, default=str)[:100])
+    out.print(history)
+
+
+def main() -> None:
+    app()

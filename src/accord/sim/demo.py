@@ -1,0 +1,250 @@
+"""Run the reference scenario end to end: seed a shop, run orders, check.
+
+Used by ``accord demo``, ``accord recover`` and ``accord verify``. A run's
+directory holds ``run.json`` (its settings), ``coordinator.db`` (the log,
+unless ``--store`` put it elsewhere) and ``services/<name>.db``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from accord.coordinator import Coordinator, TxnResult
+from accord.core.records import TxnStatus
+from accord.core.spec import Protocol
+from accord.log import MemoryStore, Store, open_store
+from accord.sim import invariants
+from accord.sim.faults import FAULT_KINDS, FaultConfig
+from accord.sim.shop import Shop
+from accord.sim.workload import ShopConfig, Workload, order_spec
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class DemoConfig:
+    orders: int = 2000
+    concurrency: int = 100
+    protocol: str = "tcc"
+    fault_rate: float = 0.05
+    latency_ms: float = 0.0
+    seed: int = 1
+    data: str = ""
+    store: str = ""
+    synchronous: str = "FULL"
+    call_timeout_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.orders < 1 or self.orders > 10_000_000:
+            raise ValueError(f"--orders must be between 1 and 10,000,000, got {self.orders}")
+        if not 1 <= self.concurrency <= 100_000:
+            raise ValueError(f"--concurrency must be between 1 and 100,000, got {self.concurrency}")
+        if self.protocol not in ("tcc", "saga"):
+            raise ValueError(f"--protocol must be tcc or saga, got {self.protocol!r}")
+        FaultConfig(self.fault_rate, self.latency_ms)  # validates both
+
+
+def _store_url(config: DemoConfig, data: Path) -> str:
+    return config.store or f"sqlite://{(data / 'coordinator.db').resolve()}"
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": 0.0, "p95": 0.0, "p99": 0.0}
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 2)
+
+    return {"p50": at(0.50), "p95": at(0.95), "p99": at(0.99)}
+
+
+async def run_demo(config: DemoConfig, progress: Progress | None = None) -> dict[str, Any]:
+    data = Path(config.data)
+    if (data / "run.json").exists():
+        raise FileExistsError(f"{data} already holds a run; choose a new --data directory")
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "run.json").write_text(json.dumps(asdict(config), indent=2))
+    workload = Workload(ShopConfig(orders=config.orders, seed=config.seed))
+    shop = Shop.create(workload.initial_state(), data / "services")
+    store = open_store(_store_url(config, data), synchronous=config.synchronous)
+    faults = FaultConfig(config.fault_rate, config.latency_ms)
+    coordinator = Coordinator(
+        store, shop.transport(faults, config.seed), max_in_flight=config.concurrency
+    )
+    protocol = Protocol(config.protocol)
+    specs = [order_spec(o, protocol, call_timeout_s=config.call_timeout_s) for o in workload.orders]
+    shop.start()
+    await coordinator.start()
+    results: list[TxnResult] = []
+    done = 0
+
+    def finished(fut: asyncio.Future[TxnResult]) -> None:
+        nonlocal done
+        done += 1
+        if not fut.cancelled() and fut.exception() is None:
+            results.append(fut.result())
+        if progress is not None:
+            progress(done)
+
+    started = time.perf_counter()
+    futures = []
+    for spec in specs:
+        fut = await coordinator.submit(spec)
+        fut.add_done_callback(finished)
+        futures.append(fut)
+    await asyncio.gather(*futures, return_exceptions=True)
+    elapsed = time.perf_counter() - started
+    summary = await _summarize(coordinator, shop, store, results, elapsed, config.orders)
+    summary["data"] = str(data)
+    summary["protocol"] = config.protocol
+    await coordinator.close()
+    await shop.close()
+    return summary
+
+
+async def recover_run(
+    data: Path, *, fault_rate: float = 0.0, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Resume every unfinished transaction of an interrupted run, then check."""
+    config = _load_config(data)
+    shop = Shop.open(data / "services")
+    store = open_store(_store_url(config, data), synchronous=config.synchronous)
+    if isinstance(store, MemoryStore):
+        raise ValueError("this run kept its log in memory: there is nothing to recover")
+    coordinator = Coordinator(
+        store,
+        shop.transport(FaultConfig(fault_rate, 0.0), config.seed + 1),
+        max_in_flight=config.concurrency,
+    )
+    shop.start()
+    started = time.perf_counter()
+    futures = await coordinator.start()
+    results: list[TxnResult] = []
+    for i, fut in enumerate(asyncio.as_completed(futures)):
+        try:
+            results.append(await fut)
+        except Exception:  # noqa: BLE001 - counted as not finished below
+            continue
+        if progress is not None:
+            progress(i + 1)
+    elapsed = time.perf_counter() - started
+    summary = await _summarize(coordinator, shop, store, results, elapsed, len(futures))
+    summary["recovered"] = len(futures)
+    summary["recovery_s"] = round(elapsed, 3)
+    await coordinator.close()
+    await shop.close()
+    return summary
+
+
+async def verify_run(data: Path) -> dict[str, Any]:
+    """Check the invariants on the persisted state of a run."""
+    config = _load_config(data)
+    shop = Shop.open(data / "services")
+    store = open_store(_store_url(config, data), synchronous=config.synchronous)
+    if isinstance(store, MemoryStore):
+        raise ValueError("this run kept its log in memory: it cannot be verified afterwards")
+    await store.open()
+    try:
+        snaps = await store.snapshots()
+    finally:
+        await store.close()
+    # Persisted state only: no live counters, everything is replayed.
+    views = shop.views()
+    for view in views.values():
+        view.counters = None
+    report = invariants.check(views, {s.txid: s for s in snaps})
+    counts: dict[str, int] = {}
+    for s in snaps:
+        counts[s.status.value] = counts.get(s.status.value, 0) + 1
+    return {
+        "data": str(data),
+        "transactions": len(snaps),
+        "committed": counts.get("committed", 0),
+        "aborted": counts.get("aborted", 0),
+        "needs_attention": counts.get("needs_attention", 0),
+        "stuck": sum(1 for s in snaps if not s.status.terminal),
+        "invariants": report.passed(),
+        "violations": {k: v[:10] for k, v in report.violations.items() if v},
+        "duplicates_applied": report.duplicates_applied,
+    }
+
+
+def _reasons(snaps: list[Any]) -> dict[str, int]:
+    """Why transactions aborted, grouped by the kind of reason."""
+    kinds = {
+        "out of stock": "out_of_stock",
+        "insufficient funds": "insufficient_funds",
+        "is full": "slot_full",
+        "deadline": "deadline",
+        "failed after": "attempts_exhausted",
+        "presumed abort": "recovered_without_decision",
+        "rejected": "rejected",
+        "operator": "operator",
+    }
+    out: dict[str, int] = {}
+    for s in snaps:
+        if s.status is not TxnStatus.ABORTED:
+            continue
+        kind = next((k for text, k in kinds.items() if text in s.reason), "other")
+        out[kind] = out.get(kind, 0) + 1
+    return out
+
+
+def _load_config(data: Path) -> DemoConfig:
+    path = data / "run.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: --data must be a directory of a demo run")
+    return DemoConfig(**json.loads(path.read_text()))
+
+
+async def _summarize(
+    coordinator: Coordinator,
+    shop: Shop,
+    store: Store,
+    results: list[TxnResult],
+    elapsed: float,
+    total: int,
+) -> dict[str, Any]:
+    await store.flush()
+    snaps = await store.snapshots()
+    report = invariants.check(shop.views(), {s.txid: s for s in snaps})
+    by_status = {status: 0 for status in TxnStatus}
+    for r in results:
+        by_status[r.status] += 1
+    stats = store.stats()
+    faults = {kind: shop.fault_counts.get(kind, 0) for kind in FAULT_KINDS}
+    faults["refused_while_down"] = shop.fault_counts.get("refused_while_down", 0)
+    faults["slow_timeout"] = shop.fault_counts.get("slow_timeout", 0)
+    m = coordinator.metrics
+    return {
+        "orders": total,
+        "committed": by_status[TxnStatus.COMMITTED],
+        "aborted": by_status[TxnStatus.ABORTED],
+        "needs_attention": by_status[TxnStatus.NEEDS_ATTENTION],
+        "stuck": sum(1 for s in snaps if not s.status.terminal),
+        "unfinished": total - len(results),
+        "retries": m.retries,
+        "calls": m.calls,
+        "call_outcomes": dict(m.outcomes),
+        "faults": faults,
+        "duplicates_delivered": shop.duplicates_delivered,
+        "duplicates_applied": report.duplicates_applied,
+        "throughput_tps": round(len(results) / elapsed, 1) if elapsed > 0 else 0.0,
+        "duration_s": round(elapsed, 3),
+        "latency_ms": _percentiles([r.latency_s for r in results]),
+        "log_records": stats.records,
+        "log_batches": stats.batches,
+        "records_per_batch": round(stats.records_per_batch, 1),
+        "log_violations": list(getattr(store, "violations", []))[:10],
+        "invariants": report.passed(),
+        "violations": {k: v[:10] for k, v in report.violations.items() if v},
+        "needs_attention_ids": report.needs_attention[:20],
+        "abort_reasons": _reasons(snaps),
+    }
