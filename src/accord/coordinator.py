@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 
 from accord import _crash
+from accord._completion import Completion
 from accord.core import machine
 from accord.core.machine import (
     AbortRequested,
@@ -322,11 +323,12 @@ class Coordinator:
                     _crash.hit(f"log.{_crash_kind(record)}.appended")
                 if action.durable:  # type: ignore[union-attr]
                     pending = store.sync()
-                    if pending is not None:
-                        fut = asyncio.ensure_future(pending)
-                        fut.add_done_callback(partial(self._resume, run, actions, i))
+                    if pending is not None and not pending.done():
+                        pending.add_done_callback(partial(self._resume, run, actions, i))
                         return True
-                    self._durable(run, record, frozenset())
+                    rejected = pending.result() if pending is not None else frozenset()
+                    if not self._durable(run, record, rejected):
+                        return True  # stopped for good: see _durable
             elif kind is ScheduleRetry:
                 self.metrics.retries += 1
                 self._arm(run, action.at_ms, self._retry_due, action)  # type: ignore[union-attr]
@@ -337,7 +339,7 @@ class Coordinator:
         return False
 
     def _resume(
-        self, run: _Run, actions: list[Action], i: int, synced: asyncio.Future[frozenset[str]]
+        self, run: _Run, actions: list[Action], i: int, synced: Completion[frozenset[str]]
     ) -> None:
         """The record at ``actions[i]`` is durable (or failed): carry on."""
         if run.finished:
@@ -406,12 +408,16 @@ class Coordinator:
         if isinstance(started, Reply):
             self._replied(run, send, started)
             return
-        fut = asyncio.ensure_future(started)  # a Future stays itself; a coroutine becomes a Task
-        if isinstance(fut, asyncio.Task):
-            self._tasks.add(fut)
-        fut.add_done_callback(partial(self._reply_ready, run, send))
+        if isinstance(started, Completion | asyncio.Future):
+            started.add_done_callback(partial(self._reply_ready, run, send))
+            return
+        task = asyncio.ensure_future(started)
+        self._tasks.add(task)
+        task.add_done_callback(partial(self._reply_ready, run, send))
 
-    def _reply_ready(self, run: _Run, send: Send, fut: asyncio.Future[Reply]) -> None:
+    def _reply_ready(
+        self, run: _Run, send: Send, fut: asyncio.Future[Reply] | Completion[Reply]
+    ) -> None:
         if isinstance(fut, asyncio.Task):
             self._tasks.discard(fut)
         if fut.cancelled():

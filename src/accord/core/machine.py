@@ -38,7 +38,7 @@ from accord.core.records import (
     TxnSnapshot,
     TxnStatus,
 )
-from accord.core.spec import Op, Protocol, TransactionSpec
+from accord.core.spec import MAX_TIMEOUT_S, Op, Protocol, TransactionSpec
 
 
 class Outcome(StrEnum):
@@ -507,7 +507,9 @@ _SETTLED = frozenset({BranchStatus.DONE, BranchStatus.STUCK})
 
 def _delay_ms(state: TxnState, ev: Replied, failed: int) -> int:
     if ev.retry_after_s is not None and ev.retry_after_s >= 0:
-        return int(ev.retry_after_s * 1000)
+        # Bounded so that an absurd or infinite Retry-After can neither raise
+        # (int(inf) overflows) nor park a phase-2 call for years.
+        return int(min(ev.retry_after_s, MAX_TIMEOUT_S) * 1000)
     return int(state.spec.branches[ev.branch].retry.delay_s(failed, ev.jitter) * 1000)
 
 

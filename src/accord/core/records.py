@@ -141,6 +141,14 @@ def check_transition(snapshot: TxnSnapshot, record: LogRecord) -> None:
             raise StoreError(
                 f"decision after terminal status {snapshot.status}", txid=snapshot.txid
             )
+    elif isinstance(record, Attempted):
+        # A retry schedule for a finished transaction is not an operator's note:
+        # the SQLite store refuses it (the transaction is no longer open), so
+        # the fold must too, or the stores would disagree about the same log.
+        if snapshot.status.terminal:
+            raise StoreError(
+                f"attempt record after terminal status {snapshot.status}", txid=snapshot.txid
+            )
     elif isinstance(record, Ended):
         if snapshot.status.terminal and snapshot.status is not TxnStatus.NEEDS_ATTENTION:
             raise StoreError(

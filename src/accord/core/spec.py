@@ -26,6 +26,7 @@ MAX_TIMEOUT_S = 3600.0
 MAX_DEADLINE_S = 7 * 24 * 3600.0
 MAX_ATTEMPTS = 1000
 MAX_PAYLOAD_DEPTH = 64
+# Used with fullmatch: with match, "$" would also accept a trailing newline.
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _json_encoder = msgspec.json.Encoder()
@@ -154,7 +155,11 @@ class BranchSpec:
     timeout_s: float = 5.0
 
     def validate(self, where: str) -> None:
-        if not isinstance(self.name, str) or not _NAME_RE.match(self.name) or len(self.name) > 64:
+        if (
+            not isinstance(self.name, str)
+            or not _NAME_RE.fullmatch(self.name)
+            or len(self.name) > 64
+        ):
             raise InvalidTransaction(
                 f"{where}.name",
                 "must be 1-64 characters of letters, digits, '.', '_' or '-', "
@@ -216,7 +221,7 @@ class TransactionSpec:
         if (
             not isinstance(self.id, str)
             or len(self.id) > MAX_ID_LENGTH
-            or not _ID_RE.match(self.id)
+            or not _ID_RE.fullmatch(self.id)
         ):
             raise InvalidTransaction(
                 "id",

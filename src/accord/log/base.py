@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import abc
 import builtins
-from collections.abc import Awaitable
 from dataclasses import dataclass
 
+from accord._completion import Completion
 from accord.core.records import LogRecord, TxnSnapshot, TxnStatus
 
 SCHEMA_VERSION = 1
@@ -62,7 +62,9 @@ class Store(abc.ABC):
     def append(self, record: LogRecord) -> None: ...
 
     @abc.abstractmethod
-    def sync(self) -> Awaitable[frozenset[str]] | None: ...
+    def sync(self) -> Completion[frozenset[str]] | None:
+        """Resolved once everything appended so far is durable (callbacks run
+        synchronously, in the same loop turn), or ``None`` if it already is."""
 
     @abc.abstractmethod
     async def load_active(self) -> list[TxnSnapshot]:

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
+from accord._completion import Completion
 from accord.errors import StoreError
 
 log = logging.getLogger("accord.log")
@@ -61,7 +62,7 @@ class LoopCommitter(Generic[Item]):
         self._conn: sqlite3.Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._buf: list[Item] = []
-        self._fut: asyncio.Future[Any] | None = None
+        self._done: Completion[Any] | None = None
         self._scheduled = False
         self._failed: BaseException | None = None
         self.batches = 0
@@ -83,20 +84,21 @@ class LoopCommitter(Generic[Item]):
             assert self._loop is not None
             self._loop.call_soon(self._flush)
 
-    def sync(self) -> asyncio.Future[Any] | None:
+    def sync(self) -> Completion[Any] | None:
+        """Resolved (synchronously, inside the flush) once everything appended
+        so far is committed; ``None`` if it already is."""
         if self._failed is not None:
             raise StoreError(f"log writer failed: {self._failed}") from self._failed
         if not self._buf:
             return None
-        if self._fut is None:
-            assert self._loop is not None
-            self._fut = self._loop.create_future()
-        return self._fut
+        if self._done is None:
+            self._done = Completion()
+        return self._done
 
     def _flush(self) -> None:
         self._scheduled = False
         batch, self._buf = self._buf, []
-        fut, self._fut = self._fut, None
+        fut, self._done = self._done, None
         if not batch:
             return
         assert self._conn is not None
@@ -106,14 +108,14 @@ class LoopCommitter(Generic[Item]):
         except BaseException as exc:  # noqa: BLE001 - reported to every waiter
             log.error("%s: giving up: %s", self._name, exc)
             self._failed = exc
-            if fut is not None and not fut.done():
+            if fut is not None:
                 err = exc if isinstance(exc, StoreError) else StoreError(f"log write failed: {exc}")
                 fut.set_exception(err)
             return
         self.commit_seconds += time.perf_counter() - started
         self.batches += 1
         self.items += len(batch)
-        if fut is not None and not fut.done():
+        if fut is not None:
             fut.set_result(result)
 
     async def close(self) -> None:

@@ -7,10 +7,10 @@ simulation test what a real crash loses.
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import copy
 
+from accord._completion import Completion
 from accord.core.records import (
     Begin,
     LogRecord,
@@ -46,14 +46,13 @@ class MemoryStore(Store):
             self._write(record)
             self._records += 1
 
-    def sync(self) -> asyncio.Future[frozenset[str]] | None:
+    def sync(self) -> Completion[frozenset[str]] | None:
         self._flush_now()
         if not self._rejected:
             return None
-        fut: asyncio.Future[frozenset[str]] = asyncio.get_running_loop().create_future()
-        fut.set_result(frozenset(self._rejected))
+        rejected = frozenset(self._rejected)
         self._rejected.clear()
-        return fut
+        return Completion.resolved(rejected)
 
     def sync_now(self) -> frozenset[str]:
         """Synchronous flush for code that runs outside an event loop."""

@@ -37,6 +37,7 @@ from typing import Any
 
 import msgspec
 
+from accord._completion import Completion
 from accord.core.records import (
     Attempted,
     Begin,
@@ -89,9 +90,12 @@ class SQLiteStore(Store):
         self.violations = []
         # txid -> (status, decision) of every transaction not yet terminal.
         self._open: dict[str, tuple[TxnStatus, Decision | None]] = {}
+        # txid -> decision of the transactions parked in needs_attention by this
+        # process, so that an operator's retry can reopen them without a read.
+        self._parked: dict[str, Decision | None] = {}
         self._rejected: set[str] = set()
         self._writer: LoopCommitter[tuple[Any, ...]] = LoopCommitter(
-            self._connect_writer, _write_batch, name="accord-log-writer"
+            self._connect_writer, self._write_batch, name="accord-log-writer"
         )
 
     # ------------------------------------------------------------ lifecycle
@@ -160,43 +164,81 @@ class SQLiteStore(Store):
             self._writer.append(_row(record))
             return
         current = self._open.get(txid)
-        if current is None and not (
-            kind is OperatorAction and record.action == "retry"  # type: ignore[union-attr]
-        ):
+        if current is None:
+            if kind is OperatorAction:
+                self._append_note(record)  # type: ignore[arg-type]
+                return
             self.violations.append(f"{txid}: {kind.__name__} for a transaction not open")
             return
-        if current is not None:
-            _, decision = current
-            if kind is Decided:
-                dec = record.decision  # type: ignore[union-attr]
-                if decision is not None and decision is not dec:
-                    self.violations.append(f"{txid}: decision would flip {decision} -> {dec}")
-                    return
-                self._open[txid] = (
-                    TxnStatus.COMMITTING if dec is Decision.COMMIT else TxnStatus.ABORTING,
-                    dec,
+        _, decision = current
+        if kind is Decided:
+            dec = record.decision  # type: ignore[union-attr]
+            if decision is not None and decision is not dec:
+                self.violations.append(f"{txid}: decision would flip {decision} -> {dec}")
+                return
+            self._open[txid] = (
+                TxnStatus.COMMITTING if dec is Decision.COMMIT else TxnStatus.ABORTING,
+                dec,
+            )
+        elif kind is Ended:
+            implied = _IMPLIED.get(record.status)  # type: ignore[union-attr]
+            if implied is not None and decision not in (None, implied):
+                self.violations.append(
+                    f"{txid}: {record.status} contradicts decision {decision}"  # type: ignore[union-attr]
                 )
-            elif kind is Ended:
-                implied = _IMPLIED.get(record.status)  # type: ignore[union-attr]
-                if implied is not None and decision not in (None, implied):
-                    self.violations.append(
-                        f"{txid}: {record.status} contradicts decision {decision}"  # type: ignore[union-attr]
-                    )
-                    return
-                del self._open[txid]
+                return
+            del self._open[txid]
+            if record.status is TxnStatus.NEEDS_ATTENTION:  # type: ignore[union-attr]
+                self._parked[txid] = decision
         self._writer.append(_row(record))
 
-    def sync(self) -> asyncio.Future[frozenset[str]] | None:
+    def _append_note(self, record: OperatorAction) -> None:
+        """An operator's record for a transaction that is not open: a retry of
+        one in needs_attention reopens it; on any other logged transaction it
+        is only a note. Only such a reopening retry may put the transaction
+        back in ``txn_open`` (a note on a finished one must not)."""
+        txid = record.txid
+        if txid in self._parked:
+            parked, decision = True, self._parked[txid]
+        else:
+            # Parked by an earlier run (its records are on disk) or finished.
+            snaps = self._read(
+                "SELECT txid, kind, at_ms, body FROM log WHERE txid = ? ORDER BY seq", (txid,)
+            )
+            if not snaps:
+                self.violations.append(f"{txid}: OperatorAction for an unknown transaction")
+                return
+            parked = snaps[0].status is TxnStatus.NEEDS_ATTENTION
+            decision = snaps[0].decision
+        if parked and record.action == "retry":
+            self._parked.pop(txid, None)
+            status = TxnStatus.COMMITTING if decision is Decision.COMMIT else TxnStatus.ABORTING
+            self._open[txid] = (status, decision)
+            self._writer.append(_Reopen(_row(record)))
+            return
+        self._writer.append(_row(record))
+
+    def _write_batch(
+        self, conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]
+    ) -> frozenset[str]:
+        rejected = _write_batch(conn, rows)
+        # A Begin refused by the database (its id is in the log from an earlier
+        # run or an earlier batch) was let into ``_open`` by append; that entry
+        # is the duplicate's, and later records under it must not be accepted.
+        for txid in rejected:
+            self._open.pop(txid, None)
+        return rejected
+
+    def sync(self) -> Completion[frozenset[str]] | None:
         pending = self._writer.sync()
         if not self._rejected:
             return pending
         rejected = frozenset(self._rejected)
         self._rejected.clear()
-        out: asyncio.Future[frozenset[str]] = asyncio.get_running_loop().create_future()
         if pending is None:
-            out.set_result(rejected)
-        else:
-            pending.add_done_callback(lambda f: _merge(out, f, rejected))
+            return Completion.resolved(rejected)
+        out: Completion[frozenset[str]] = Completion()
+        pending.add_done_callback(lambda f: _merge(out, f, rejected))
         return out
 
     def stats(self) -> StoreStats:
@@ -287,31 +329,38 @@ _IMPLIED = {TxnStatus.COMMITTED: Decision.COMMIT, TxnStatus.ABORTED: Decision.AB
 
 
 def _merge(
-    out: asyncio.Future[frozenset[str]], pending: asyncio.Future[Any], rejected: frozenset[str]
+    out: Completion[frozenset[str]], pending: Completion[Any], rejected: frozenset[str]
 ) -> None:
-    if out.done():
-        return
-    if pending.exception() is not None:
-        out.set_exception(pending.exception())  # type: ignore[arg-type]
+    failed = pending.exception()
+    if failed is not None:
+        out.set_exception(failed)
     else:
         out.set_result(rejected | (pending.result() or frozenset()))
 
 
+class _Reopen(tuple[Any, ...]):
+    """The row of an operator's retry that takes a transaction out of
+    needs_attention: writing it puts the transaction back in ``txn_open``."""
+
+    __slots__ = ()
+
+
 def _write_batch(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> frozenset[str]:
     """Runs inside the batch's transaction. Returns the ids whose Begin was
-    refused because they exist already (from an earlier run)."""
-    opened = [(r[0],) for r in rows if r[1] == "begin"]
-    closed = [(r[0],) for r in rows if r[1] == "end"]
+    refused because they exist already (from an earlier run or batch)."""
     rejected: set[str] = set()
+    written = rows
     conn.execute("SAVEPOINT batch")
     try:
         _insert_many(conn, "log(txid, kind, at_ms, body)", 4, rows)
-        _insert_many(conn, "txn_open(txid)", 1, opened)
+        _insert_many(conn, "txn_open(txid)", 1, [(r[0],) for r in rows if r[1] == "begin"])
     except sqlite3.IntegrityError:
-        # Some Begin reuses an id: redo one by one to find which, dropping
-        # every record of that transaction from this batch.
+        # Some Begin reuses an id: redo one by one to find which. Records of
+        # that id before the refused Begin belong to the existing transaction
+        # (it ended in this batch) and are kept; those after it are the
+        # duplicate's and are dropped.
         conn.execute("ROLLBACK TO batch")
-        opened = []
+        written = []
         for row in rows:
             if row[0] in rejected:
                 continue
@@ -319,18 +368,24 @@ def _write_batch(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> f
                 conn.execute(_INSERT, row)
                 if row[1] == "begin":
                     conn.execute(_OPEN, (row[0],))
-                    opened.append((row[0],))
             except sqlite3.IntegrityError:
                 rejected.add(row[0])
-        closed = [c for c in closed if c[0] not in rejected]
+                continue
+            written.append(row)
     conn.execute("RELEASE batch")
+    # Whether a transaction is open after this batch is decided by its last
+    # end or reopening record in it, in append order.
+    still_open: dict[str, bool] = {}
+    for r in written:
+        if r[1] == "end":
+            still_open[r[0]] = False
+        elif type(r) is _Reopen:
+            still_open[r[0]] = True
+    closed = [txid for txid, is_open in still_open.items() if not is_open]
     for start in range(0, len(closed), _CHUNK):
         chunk = closed[start : start + _CHUNK]
-        conn.execute(
-            f"DELETE FROM txn_open WHERE txid IN ({','.join('?' * len(chunk))})",
-            [c[0] for c in chunk],
-        )
-    reopened = [(r[0],) for r in rows if r[1] == "operator" and b'"retry"' in r[3]]
+        conn.execute(f"DELETE FROM txn_open WHERE txid IN ({','.join('?' * len(chunk))})", chunk)
+    reopened = [(txid,) for txid, is_open in still_open.items() if is_open]
     if reopened:
         conn.executemany("INSERT OR IGNORE INTO txn_open(txid) VALUES (?)", reopened)
     return frozenset(rejected)
@@ -364,7 +419,15 @@ def _row(r: LogRecord) -> tuple[Any, ...]:
         return (r.txid, "decided", r.at_ms, _encode(body))
     if type(r) is Ended:
         body = {"status": r.status.value, "reason": r.reason, "branches": r.branches}
-        return (r.txid, "end", r.at_ms, _encode(body))
+        try:
+            blob = _encode(body)
+        except (TypeError, ValueError, OverflowError, RecursionError):
+            # A participant's result (any object an in-process handler returned)
+            # that JSON cannot carry is kept as its repr: failing here would stop
+            # the transaction at its end, and again after every restart.
+            body["branches"] = tuple(b._replace(result=_jsonable(b.result)) for b in r.branches)
+            blob = _encode(body)
+        return (r.txid, "end", r.at_ms, blob)
     if type(r) is Attempted:
         body = {
             "branch": r.branch,
@@ -380,6 +443,21 @@ def _row(r: LogRecord) -> tuple[Any, ...]:
     raise TypeError(f"not a log record: {r!r}")
 
 
+def _jsonable(value: Any) -> Any:
+    try:
+        _encode(value)
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        return repr(value)
+    return value
+
+
+def _int(body: Any, key: str) -> int:
+    value = body[key]
+    if type(value) is not int:
+        raise TypeError(f"{key} must be an integer, got {value!r}")
+    return value
+
+
 def _record(txid: str, kind: str, at_ms: int, blob: bytes) -> LogRecord:
     try:
         body = _decode(blob)
@@ -387,7 +465,7 @@ def _record(txid: str, kind: str, at_ms: int, blob: bytes) -> LogRecord:
             spec = TransactionSpec.from_dict(body["spec"])
             if spec.id != txid:
                 raise StoreError(f"Begin of {spec.id!r} filed under {txid!r}", txid=txid)
-            return Begin(spec, at_ms, body["deadline_at_ms"])
+            return Begin(spec, at_ms, _int(body, "deadline_at_ms"))
         if kind == "decided":
             return Decided(txid, Decision(body["decision"]), body["reason"], at_ms)
         if kind == "end":
@@ -396,17 +474,17 @@ def _record(txid: str, kind: str, at_ms: int, blob: bytes) -> LogRecord:
         if kind == "attempt":
             return Attempted(
                 txid,
-                body["branch"],
+                _int(body, "branch"),
                 Op(body["op"]),
-                body["attempt"],
+                _int(body, "attempt"),
                 body["error"],
                 at_ms,
-                body["next_at_ms"],
+                _int(body, "next_at_ms"),
             )
         if kind == "operator":
             return OperatorAction(txid, body["action"], body["reason"], at_ms)
     except (InvalidTransaction, msgspec.DecodeError, KeyError, ValueError, TypeError) as exc:
-        raise StoreError(f"unreadable {kind} record: {exc}", txid=txid) from exc
+        raise StoreError(f"unreadable {kind} record of {txid!r}: {exc}", txid=txid) from exc
     raise StoreError(f"unknown record kind {kind!r}", txid=txid)
 
 

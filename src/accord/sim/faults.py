@@ -22,6 +22,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
+from accord._completion import Completion
 from accord.core.machine import Outcome
 from accord.sim.services import Service
 from accord.transport.base import Call, Reply
@@ -58,7 +59,7 @@ class FaultyService:
         self._down_until = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def __call__(self, call: Call) -> Reply | asyncio.Future[Reply]:
+    def __call__(self, call: Call) -> Reply | Completion[Reply]:
         cfg = self.config
         if cfg.fault_rate == 0 and cfg.latency_ms == 0:
             return self.service.handle(call)
@@ -85,14 +86,13 @@ class FaultyService:
         if fault == "timeout_before":
             return self._later(call.timeout_s, _timeout(call))
         if fault == "timeout_after":
-            out = self._later(call.timeout_s, _timeout(call))
             loop.call_later(min(latency_s, call.timeout_s / 2), self._deliver, call)
-            return out
+            return self._later(call.timeout_s, _timeout(call))
         if fault == "duplicate":
             loop.call_later(latency_s + 0.05 * self._random(), self._deliver, call)
         if latency_s <= 0:
             return self.service.handle(call)
-        out = loop.create_future()
+        out: Completion[Reply] = Completion()
         loop.call_later(latency_s, self._answer, call, out)
         return out
 
@@ -102,28 +102,23 @@ class FaultyService:
             return 0.0
         return median * math.exp(_SIGMA * self._rng.gauss(0.0, 1.0)) / 1000
 
-    def _later(self, delay_s: float, reply: Reply) -> asyncio.Future[Reply]:
+    def _later(self, delay_s: float, reply: Reply) -> Completion[Reply]:
         assert self._loop is not None
-        fut: asyncio.Future[Reply] = self._loop.create_future()
-        self._loop.call_later(delay_s, _set, fut, reply)
+        fut: Completion[Reply] = Completion()
+        self._loop.call_later(delay_s, fut.set_result, reply)
         return fut
 
     def _deliver(self, call: Call) -> None:
         """Deliver a request whose reply nobody waits for."""
         self.service.handle(call)
 
-    def _answer(self, call: Call, out: asyncio.Future[Reply]) -> None:
+    def _answer(self, call: Call, out: Completion[Reply]) -> None:
         started = self.service.handle(call)
         if isinstance(started, Reply):
-            _set(out, started)
+            out.set_result(started)
         else:
-            started.add_done_callback(lambda f: _set(out, f.result()))
+            started.add_done_callback(lambda f: out.set_result(f.result()))
 
 
 def _timeout(call: Call) -> Reply:
     return Reply(Outcome.TRANSIENT, error=f"timed out after {call.timeout_s:g}s")
-
-
-def _set(fut: asyncio.Future[Reply], reply: Reply) -> None:
-    if not fut.done():
-        fut.set_result(reply)

@@ -31,6 +31,7 @@ from typing import Any
 
 import msgspec
 
+from accord._completion import Completion
 from accord.core.machine import Outcome
 from accord.core.spec import Op
 from accord.log.groupcommit import LoopCommitter
@@ -347,7 +348,7 @@ class ServiceStore:
             )
         )
 
-    def sync(self) -> asyncio.Future[Any] | None:
+    def sync(self) -> Completion[Any] | None:
         return self._writer.sync()
 
     async def close(self) -> None:
@@ -379,8 +380,8 @@ class Service:
         self.barrier: dict[tuple[str, str, str], Entry] = {}
         self.store = store
         self.duplicates = 0  # deliveries answered from the barrier
-        self._waiting: list[tuple[asyncio.Future[Reply], Reply]] = []
-        self._batch: asyncio.Future[Any] | None = None
+        self._waiting: list[tuple[Completion[Reply], Reply]] = []
+        self._batch: Completion[Any] | None = None
         self._rules = {op: rules.rule(op) for op in Op}
 
     @classmethod
@@ -392,7 +393,7 @@ class Service:
             service._record(entry, replaying=True)
         return service
 
-    def handle(self, call: Call) -> Reply | asyncio.Future[Reply]:
+    def handle(self, call: Call) -> Reply | Completion[Reply]:
         """Answer ``call`` once its ledger entry is durable."""
         reply = self.execute(call.txid, call.branch, call.op, call.payload)
         if self.store is None:
@@ -400,14 +401,14 @@ class Service:
         pending = self.store.sync()
         if pending is None:
             return reply
-        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        fut: Completion[Reply] = Completion()
         self._waiting.append((fut, reply))
         if pending is not self._batch:
             self._batch = pending
             pending.add_done_callback(self._release)
         return fut
 
-    def _release(self, batch: asyncio.Future[Any]) -> None:
+    def _release(self, batch: Completion[Any]) -> None:
         waiting, self._waiting = self._waiting, []
         self._batch = None
         failed = batch.exception()
