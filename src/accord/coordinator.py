@@ -1,10 +1,11 @@
 """The coordinator: the imperative shell around the pure state machine.
 
-For each transaction a driver coroutine feeds events into
-:func:`accord.core.machine.step` and performs the actions it returns, in
-order: append to the log (waiting for durability where the action says so),
-send participant calls as tasks, arm timers. Everything that decides lives in
-the machine; everything that waits lives here.
+Each transaction is driven by callbacks (no task per transaction or per
+call): events are fed into :func:`accord.core.machine.step` and the actions
+it returns are performed in order: append to the log (pausing until the
+record is durable where the action says so), start participant calls through
+the transport, arm timers. Everything that decides lives in the machine;
+everything that waits lives here.
 """
 
 from __future__ import annotations
@@ -216,6 +217,10 @@ class Coordinator:
                 )
             return existing.result
         await self._slots.acquire()
+        if spec.id in self._runs:
+            # Submitted again while this call waited for a slot.
+            self._slots.release()
+            return await self.submit(spec)
         state, actions = machine.start(spec, self._now_ms())
         self.metrics.started += 1
         return self._launch(state, actions)
@@ -420,9 +425,8 @@ class Coordinator:
     ) -> None:
         if isinstance(fut, asyncio.Task):
             self._tasks.discard(fut)
-        if fut.cancelled():
-            return
-        exc = fut.exception()
+        # A cancelled or failed call is a transient failure: retried like any other.
+        exc = asyncio.CancelledError() if fut.cancelled() else fut.exception()
         if exc is not None:
             log.error("transport failed for %s %s: %r", run.state.txid, send.op, exc)
             reply = Reply(Outcome.TRANSIENT, error=f"transport error: {exc!r}")
@@ -431,7 +435,7 @@ class Coordinator:
         self._replied(run, send, reply)
 
     def _replied(self, run: _Run, send: Send, reply: Reply) -> None:
-        self.metrics.outcomes[reply.outcome.value] += 1
+        self.metrics.outcomes[reply.outcome] += 1
         self._post(
             run,
             Replied(

@@ -457,7 +457,9 @@ def _enter_phase2(
 def _send_phase2(state: TxnState, i: int, op: Op, made: int, actions: list[Action]) -> Step:
     # Recovery may find the budget already spent; one more attempt is still
     # made, and its failure parks the transaction (see _on_phase2_reply).
-    state.branches[i] = BranchState(BranchStatus.IN_FLIGHT, op, made + 1)
+    # Keep the prepare phase's result: it is the branch's answer to the caller.
+    result = state.branches[i].result
+    state.branches[i] = BranchState(BranchStatus.IN_FLIGHT, op, made + 1, "", result)
     actions.append(Send(i, op, made + 1))
     return state, actions
 

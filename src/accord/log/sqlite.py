@@ -248,12 +248,15 @@ class SQLiteStore(Store):
     # ------------------------------------------------------------ reading
 
     async def load_active(self) -> list[TxnSnapshot]:
-        return await asyncio.to_thread(
+        snaps = await asyncio.to_thread(
             self._read,
             "SELECT l.txid, l.kind, l.at_ms, l.body FROM txn_open o"
             " JOIN log l ON l.txid = o.txid ORDER BY l.seq",
             (),
         )
+        # txn_open and the records must agree; if they do not, the records win
+        # (resuming a finished transaction would hold a slot forever).
+        return [s for s in snaps if not s.status.terminal]
 
     async def get(self, txid: str) -> TxnSnapshot | None:
         snaps = await asyncio.to_thread(

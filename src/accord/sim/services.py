@@ -25,9 +25,8 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -61,8 +60,7 @@ class BadRequest(Exception):
     """The payload is malformed."""
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
     """One answered operation, as kept in the ledger."""
 
     seq: int
@@ -423,20 +421,22 @@ class Service:
 
     def execute(self, txid: str, branch: str, op: Op, payload: Any) -> Reply:
         """Apply one operation through the barrier (synchronous, atomic)."""
-        key = (txid, branch, op.value)
+        # Op is a StrEnum: it hashes and compares as its string value, so keys
+        # built from it match keys read back from the database.
+        key = (txid, branch, op)
         seen = self.barrier.get(key)
         if seen is not None:
             self.duplicates += 1
             return seen.reply()
         forward = _FORWARD.get(op)
         if forward is not None:
-            fwd = self.barrier.get((txid, branch, forward.value))
+            fwd = self.barrier.get((txid, branch, forward))
             if op is Op.CONFIRM:
                 if fwd is None or fwd.kind != APPLIED:
                     return self._answer(
                         txid, branch, op, REJECTED, [], "confirm without an applied try"
                     )
-                if (txid, branch, Op.CANCEL.value) in self.barrier:
+                if (txid, branch, Op.CANCEL) in self.barrier:
                     return self._answer(txid, branch, op, REJECTED, [], "confirm after cancel")
             elif fwd is None or fwd.kind != APPLIED:
                 if fwd is None:
@@ -456,7 +456,7 @@ class Service:
     def _answer(
         self, txid: str, branch: str, op: Op, kind: str, effect: Effect, detail: str = ""
     ) -> Reply:
-        entry = Entry(len(self.ledger) + 1, txid, branch, op.value, kind, effect, detail)
+        entry = Entry(len(self.ledger) + 1, txid, branch, str(op), kind, effect, detail)
         self._record(entry, replaying=False)
         if self.store is not None:
             self.store.append(entry)
