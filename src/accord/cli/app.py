@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -34,7 +35,7 @@ out = Console()
 
 
 def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}")
+    err.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(2)
 
 
@@ -189,7 +190,10 @@ def verify(
 
 def _open_log(data: Path | None, store: str) -> Store:
     if store:
-        opened = open_store(store)
+        try:
+            opened = open_store(store)
+        except ValueError as exc:
+            _fail(str(exc))
     elif data is not None:
         path = data / "coordinator.db"
         if not path.exists():

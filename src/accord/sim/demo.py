@@ -50,11 +50,21 @@ class DemoConfig:
             raise ValueError(f"--concurrency must be between 1 and 100,000, got {self.concurrency}")
         if self.protocol not in ("tcc", "saga"):
             raise ValueError(f"--protocol must be tcc or saga, got {self.protocol!r}")
-        FaultConfig(self.fault_rate, self.latency_ms)  # validates both
+        if self.synchronous not in ("FULL", "NORMAL", "EXTRA"):
+            raise ValueError(f"--synchronous must be FULL or NORMAL, got {self.synchronous!r}")
+        if not 0 <= self.fault_rate <= 1:  # also false for NaN
+            raise ValueError(f"--fault-rate must be between 0 and 1, got {self.fault_rate}")
+        if not 0 <= self.latency_ms <= 60_000:
+            raise ValueError(f"--latency-ms must be between 0 and 60000, got {self.latency_ms}")
 
 
-def _store_url(config: DemoConfig, data: Path) -> str:
-    return config.store or f"sqlite://{(data / 'coordinator.db').resolve()}"
+def _store_url(config: DemoConfig, data: Path, *, existing: bool = True) -> str:
+    if config.store:
+        return config.store
+    path = data / "coordinator.db"
+    if existing and not path.exists():
+        raise FileNotFoundError(f"{path} not found: the run's log is missing")
+    return f"sqlite://{path.resolve()}"
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -78,7 +88,7 @@ async def run_demo(config: DemoConfig, progress: Progress | None = None) -> dict
     shop = Shop.create(
         workload.initial_state(), None if config.services_in_memory else data / "services"
     )
-    store = open_store(_store_url(config, data), synchronous=config.synchronous)
+    store = open_store(_store_url(config, data, existing=False), synchronous=config.synchronous)
     faults = FaultConfig(config.fault_rate, config.latency_ms)
     coordinator = Coordinator(
         store, shop.transport(faults, config.seed), max_in_flight=config.concurrency
@@ -211,7 +221,11 @@ def _load_config(data: Path) -> DemoConfig:
     path = data / "run.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: --data must be a directory of a demo run")
-    return DemoConfig(**json.loads(path.read_text()))
+    try:
+        settings = json.loads(path.read_text())
+        return DemoConfig(**settings)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path} is not the settings file of a demo run: {exc}") from exc
 
 
 async def _summarize(

@@ -28,6 +28,8 @@ INVARIANTS = (
 )
 
 _FORWARD = {Op.TRY.value, Op.ACTION.value}
+# Which invariant a service's counter going negative breaks.
+_INVARIANT_OF = {"payment": "money", "inventory": "stock", "shipping": "shipping"}
 _UNDO = {Op.CANCEL.value, Op.COMPENSATE.value}
 
 
@@ -139,9 +141,7 @@ def _replay(name: str, svc: ServiceView, v: dict[str, list[str]]) -> Counters:
             for i, d in enumerate(deltas):
                 row[i] += d
             if any(x < 0 for x in row):
-                inv = (
-                    "money" if name == "payment" else "stock" if name == "inventory" else "shipping"
-                )
+                inv = _INVARIANT_OF.get(name, "atomicity")
                 v[inv].append(f"{name}: {key} went negative ({row}) at {e.txid} {e.op}")
             if name == "shipping" and row[1] + row[2] > row[0]:
                 v["shipping"].append(f"{key} over capacity ({row}) at {e.txid} {e.op}")

@@ -314,11 +314,16 @@ class ServiceStore:
             conn.close()
 
     def load(self) -> tuple[Counters, list[Entry]]:
+        if not self.path.exists():
+            raise FileNotFoundError(f"{self.path} does not exist")
         conn = self._connect()
         try:
-            row = conn.execute("SELECT value FROM meta WHERE key = 'initial'").fetchone()
+            try:
+                row = conn.execute("SELECT value FROM meta WHERE key = 'initial'").fetchone()
+            except sqlite3.Error as exc:
+                raise ValueError(f"{self.path}: not a service database ({exc})") from exc
             if row is None:
-                raise FileNotFoundError(f"{self.path}: not a service database")
+                raise ValueError(f"{self.path}: not a service database")
             initial = {k: list(v) for k, v in _decode(row[0]).items()}
             entries = [
                 Entry(seq, txid, branch, op, kind, [(k, list(d)) for k, d in _decode(eff)], detail)
@@ -438,6 +443,10 @@ class Service:
                     )
                 if (txid, branch, Op.CANCEL) in self.barrier:
                     return self._answer(txid, branch, op, REJECTED, [], "confirm after cancel")
+            elif (txid, branch, Op.CONFIRM) in self.barrier and self.barrier[
+                (txid, branch, Op.CONFIRM)
+            ].kind == APPLIED:
+                return self._answer(txid, branch, op, REJECTED, [], f"{op} after confirm")
             elif fwd is None or fwd.kind != APPLIED:
                 if fwd is None:
                     # Bar the forward operation from ever applying later.

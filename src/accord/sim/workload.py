@@ -56,7 +56,8 @@ class Workload:
             for rank, d in enumerate(demand)
         ]
         mean_amount = lines_per_order * qty_per_line * sum(self.prices) / c.skus
-        per_customer = c.orders / c.customers * mean_amount
+        # At least two orders' worth each, so small runs do not abort for money.
+        per_customer = max(c.orders / c.customers, 2.0) * mean_amount
         self.balances = [
             rng.randint(int(per_customer * 0.6), int(per_customer * 1.6) + 1)
             for _ in range(c.customers)
