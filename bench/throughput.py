@@ -2,32 +2,34 @@
 
     .venv/bin/python bench/throughput.py [--orders 20000] [--repeat 3] [--protocol tcc]
 
-Runs the demo workload with no injected faults or latency, 100 in flight,
-for each log configuration side by side (SQLite synchronous=FULL, SQLite
-NORMAL, memory), `--repeat` times each, interleaved, and prints the median
-throughput, latency and the group-commit batch size. Figures, not asserts:
-this machine is noisy, so compare configurations within one run.
+Runs `accord demo --fault-rate 0 --latency-ms 0 --concurrency 100` in a fresh
+process for each configuration of the log and of the simulated services, side
+by side and interleaved, `--repeat` times each, and prints the median
+throughput, latency and group-commit batch size. Figures, not asserts: this
+machine is noisy, so compare configurations measured within one run.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import json
 import statistics
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from accord.cli.app import tune_gc
-from accord.sim.demo import DemoConfig, run_demo
+ACCORD = [sys.executable, "-c", "from accord.cli import main; main()"]
 
-# log x services: the services persist their ledgers (as in `accord demo`)
-# or keep them in memory, which isolates the coordinator's own cost.
-CONFIGS: dict[str, dict[str, object]] = {
-    "FULL, svc db": {"synchronous": "FULL"},
-    "NORMAL, svc db": {"synchronous": "NORMAL"},
-    "FULL, svc mem": {"synchronous": "FULL", "services_in_memory": True},
-    "memory, svc mem": {"store": "memory", "services_in_memory": True},
+# log x services. "svc db": each service group-commits its ledger to its own
+# SQLite file before replying (as `accord demo` runs); "svc mem": services in
+# memory, which isolates the coordinator's own cost.
+CONFIGS: dict[str, list[str]] = {
+    "FULL, svc db": ["--synchronous", "FULL"],
+    "NORMAL, svc db": ["--synchronous", "NORMAL"],
+    "FULL, svc mem": ["--synchronous", "FULL", "--services", "memory"],
+    "memory, svc mem": ["--store", "memory", "--services", "memory"],
 }
 
 
@@ -38,33 +40,28 @@ def main() -> None:
     parser.add_argument("--protocol", default="tcc")
     parser.add_argument("--concurrency", type=int, default=100)
     args = parser.parse_args()
-    tune_gc()  # as the accord command does
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in CONFIGS}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeat):
-            for name, extra in CONFIGS.items():
-                config = DemoConfig(
-                    orders=args.orders,
-                    concurrency=args.concurrency,
-                    protocol=args.protocol,
-                    fault_rate=0.0,
-                    latency_ms=0.0,
-                    seed=1,
-                    data=str(Path(tmp) / f"{name.replace(' ', '-')}-{i}"),
-                    **extra,
-                )
-                summary = asyncio.run(run_demo(config))
-                if not all(summary["invariants"].values()):
-                    raise SystemExit(f"invariant violated in {name}: {summary['violations']}")
+            for n, (name, extra) in enumerate(CONFIGS.items()):
+                cmd = [
+                    *ACCORD, "demo", "--orders", str(args.orders),
+                    "--concurrency", str(args.concurrency), "--protocol", args.protocol,
+                    "--fault-rate", "0", "--latency-ms", "0", "--json",
+                    "--data", str(Path(tmp) / f"run-{i}-{n}"), *extra,
+                ]  # fmt: skip
+                done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                if done.returncode != 0:
+                    raise SystemExit(f"{name}: exit {done.returncode}: {done.stderr[-2000:]}")
+                summary = json.loads(done.stdout)
                 runs[name].append(summary)
                 print(f"  run {i + 1} {name:16s} {summary['throughput_tps']:8.0f} tx/s", flush=True)
     print(
         f"\n{args.protocol}, {args.orders} orders, {args.concurrency} in flight,"
-        f" median of {args.repeat}:"
+        f" no faults, median of {args.repeat}:"
     )
-    print(
-        f"{'log, services':16s} {'tx/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'records/commit':>15s}"
-    )
+    header = ("log, services", "tx/s", "p50 ms", "p99 ms", "records/commit")
+    print(f"{header[0]:16s} {header[1]:>8s} {header[2]:>8s} {header[3]:>8s} {header[4]:>15s}")
     for name, rs in runs.items():
         print(
             f"{name:16s} {statistics.median(r['throughput_tps'] for r in rs):8.0f}"

@@ -127,6 +127,13 @@ def demo(
     synchronous: Annotated[
         str, typer.Option(help="SQLite log durability: FULL (default) or NORMAL.")
     ] = "FULL",
+    services: Annotated[
+        str,
+        typer.Option(
+            help="Where the simulated services keep their state: sqlite (own files,"
+            " survives a crash) or memory (benchmarks; cannot be recovered)."
+        ),
+    ] = "sqlite",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Seed a shop, run orders through accord with faults, check every invariant."""
@@ -144,7 +151,10 @@ def demo(
             data=str(data),
             store=store,
             synchronous=synchronous.upper(),
+            services_in_memory=services == "memory",
         )
+        if services not in ("sqlite", "memory"):
+            raise ValueError(f"--services must be sqlite or memory, got {services!r}")
         if store and store != "memory":
             open_store(store)  # validate the URL before anything is created
     except ValueError as exc:
