@@ -57,6 +57,7 @@ from accord.errors import (
     AccordError,
     CoordinatorClosed,
     DuplicateTransaction,
+    Overloaded,
     TransactionNotFound,
 )
 from accord.log.base import Store
@@ -202,11 +203,15 @@ class Coordinator:
 
     # ------------------------------------------------------------ submitting
 
-    async def submit(self, spec: TransactionSpec) -> asyncio.Future[TxnResult]:
+    async def submit(
+        self, spec: TransactionSpec, *, wait: bool = True
+    ) -> asyncio.Future[TxnResult]:
         """Start ``spec`` once a slot is free; returns a future of its result.
 
-        Submitting an id again with the same spec returns the same outcome;
-        with a different spec it raises :class:`DuplicateTransaction`."""
+        With ``wait=False`` raise :class:`Overloaded` instead of waiting when
+        ``max_in_flight`` transactions are already being driven. Submitting an
+        id again with the same spec returns the same outcome; with a different
+        spec it raises :class:`DuplicateTransaction`."""
         if not self._open:
             raise CoordinatorClosed("the coordinator is not running")
         existing = self._runs.get(spec.id)
@@ -216,6 +221,10 @@ class Coordinator:
                     f"transaction {spec.id!r} exists with a different spec", txid=spec.id
                 )
             return existing.result
+        if not wait and self._slots.locked():
+            raise Overloaded(
+                f"{self.max_in_flight} transactions in flight; try again later", txid=spec.id
+            )
         await self._slots.acquire()
         if spec.id in self._runs:
             # Submitted again while this call waited for a slot.

@@ -194,6 +194,9 @@ def apply(snapshot: TxnSnapshot, record: LogRecord) -> None:
                 TxnStatus.COMMITTING if snapshot.decision is Decision.COMMIT else TxnStatus.ABORTING
             )
             snapshot.attempts.clear()
+            # The parked reason (a branch that gave up) no longer describes it; left
+            # in place it would become the reason of the end the retry reaches.
+            snapshot.reason = f"retried by operator: {record.reason}"
     elif isinstance(record, Begin):
         raise StoreError("a second Begin for an existing transaction", txid=record.txid)
 

@@ -4,7 +4,9 @@ Callers ``append`` items (cheap, no I/O) and await ``sync()`` when they need
 what they appended to be durable. Everything appended during one turn of the
 event loop is written in one SQLite transaction at the start of the next
 turn, and every waiter of that batch is woken by one future. Throughput is
-bounded by the commit rate times the batch size, not by the fsync rate.
+bounded by the commit rate times the batch size, not by the fsync rate. A
+batch holds what was appended during one turn, which the coordinator's
+``max_in_flight`` bounds (a few records per transaction in flight).
 
 Items are written in the order they were appended and batches commit in
 order, so "B is durable" implies "everything appended before B is durable".
@@ -35,7 +37,6 @@ Item = TypeVar("Item")
 # (e.g. the transaction ids whose Begin was rejected) handed to the waiters.
 BatchWriter = Callable[[sqlite3.Connection, Sequence[Item]], Any]
 
-MAX_BATCH = 20_000
 _RETRIES = 5
 
 
