@@ -165,6 +165,7 @@ class Coordinator:
         self._runs: dict[str, _Run] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._open = False
+        self._operator_lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -225,7 +226,7 @@ class Coordinator:
             raise Overloaded(
                 f"{self.max_in_flight} transactions in flight; try again later", txid=spec.id
             )
-        await self._slots.acquire()
+        await self._acquire_slot()
         if spec.id in self._runs:
             # Submitted again while this call waited for a slot.
             self._slots.release()
@@ -250,12 +251,22 @@ class Coordinator:
         return futures
 
     async def _resume_one(self, snap: TxnSnapshot) -> asyncio.Future[TxnResult]:
-        await self._slots.acquire()
+        await self._acquire_slot()
+        running = self._runs.get(snap.txid)
+        if running is not None:
+            self._slots.release()
+            return running.result
         state, actions = machine.recover(snap, self._now_ms())
         self.metrics.recovered += 1
         fut = self._launch(state, actions)
         _crash.hit("recovery.resumed")
         return fut
+
+    async def _acquire_slot(self) -> None:
+        await self._slots.acquire()
+        if not self._open:  # closed while this caller waited
+            self._slots.release()
+            raise CoordinatorClosed("the coordinator is not running")
 
     def _launch(self, state: TxnState, actions: list[Action]) -> asyncio.Future[TxnResult]:
         assert self._loop is not None
@@ -273,17 +284,21 @@ class Coordinator:
         if run is not None:
             self._post(run, RetryRequested(reason, self._now_ms()))
             return run.result
-        snap = await self.store.get(txid)
-        if snap is None:
-            raise TransactionNotFound(f"no transaction {txid!r}", txid=txid)
-        if snap.status is not TxnStatus.NEEDS_ATTENTION:
-            return None
-        self.store.append(OperatorAction(txid, "retry", reason, self._now_ms()))
-        await self.store.flush()
-        snap = await self.store.get(txid)
-        if snap is None or snap.status.terminal:
-            raise AccordError(f"transaction {txid!r} could not be resumed", txid=txid)
-        return await self._resume_one(snap)
+        async with self._operator_lock:  # one resumption, however many operators
+            run = self._runs.get(txid)
+            if run is not None:
+                return run.result
+            snap = await self.store.get(txid)
+            if snap is None:
+                raise TransactionNotFound(f"no transaction {txid!r}", txid=txid)
+            if snap.status is not TxnStatus.NEEDS_ATTENTION:
+                return None
+            self.store.append(OperatorAction(txid, "retry", reason, self._now_ms()))
+            await self.store.flush()
+            snap = await self.store.get(txid)
+            if snap is None or snap.status.terminal:
+                raise AccordError(f"transaction {txid!r} could not be resumed", txid=txid)
+            return await self._resume_one(snap)
 
     def abort(self, txid: str, reason: str) -> bool:
         """Ask a running transaction to abort; True if it had no decision yet."""
@@ -398,8 +413,19 @@ class Coordinator:
             return
         run.finished = True
         self._release(run)
-        if not run.result.done():
-            run.result.set_result(TxnResult(spec.id, snap.status, snap.reason, snap.branches))
+        if snap.status.terminal:
+            if not run.result.done():
+                run.result.set_result(TxnResult(spec.id, snap.status, snap.reason, snap.branches))
+            return
+        # In the log but driven by nobody (e.g. started with recover=False):
+        # drive it now and hand its outcome to this caller.
+        try:
+            resumed = await self._resume_one(snap)
+        except Exception as exc:  # noqa: BLE001 - handed to the caller
+            if not run.result.done():
+                run.result.set_exception(exc)
+            return
+        resumed.add_done_callback(partial(_chain, run.result))
 
     def _send(self, run: _Run, send: Send) -> None:
         self.metrics.calls += 1
@@ -514,3 +540,14 @@ class Coordinator:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _chain(target: asyncio.Future[TxnResult], source: asyncio.Future[TxnResult]) -> None:
+    if target.done():
+        return
+    if source.cancelled():
+        target.set_exception(CoordinatorClosed("the coordinator stopped"))
+    elif source.exception() is not None:
+        target.set_exception(source.exception())  # type: ignore[arg-type]
+    else:
+        target.set_result(source.result())
