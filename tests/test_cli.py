@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +205,7 @@ def test_verify_recover_with_empty_service_files_is_a_clear_error(
     """A run whose services/*.db are not service databases is a clean error (exit 2)."""
     data, _ = finished_run
     (tmp_path / "run.json").write_text((data / "run.json").read_text())
+    shutil.copy(data / "coordinator.db", tmp_path / "coordinator.db")
     (tmp_path / "services").mkdir()
     for name in ("order", "inventory", "payment", "shipping"):
         (tmp_path / "services" / f"{name}.db").touch()

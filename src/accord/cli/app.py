@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import uvicorn
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -21,6 +22,9 @@ from accord.core.records import TxnStatus
 from accord.errors import AccordError
 from accord.log import MemoryStore, Store, open_store
 from accord.sim.demo import DemoConfig, recover_run, run_demo, verify_run
+from accord.sim.http_demo import load_secret, new_secret
+from accord.sim.http_shop import Faults, build_app, create_databases
+from accord.sim.workload import ShopConfig, Workload
 
 app = typer.Typer(
     help="accord: a distributed transaction coordinator (TCC and saga).",
@@ -134,6 +138,15 @@ def demo(
             " survives a crash) or memory (benchmarks; cannot be recovered)."
         ),
     ] = "sqlite",
+    http: Annotated[
+        bool, typer.Option("--http", help="Reach the shop over HTTP (starts `accord services`).")
+    ] = False,
+    services_url: Annotated[
+        str, typer.Option(help="With --http: use the services running at this URL.")
+    ] = "",
+    secret_file: Annotated[
+        str, typer.Option(help="With --services-url: file holding their hex shared secret.")
+    ] = "",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Seed a shop, run orders through accord with faults, check every invariant."""
@@ -152,6 +165,9 @@ def demo(
             store=store,
             synchronous=synchronous.upper(),
             services_in_memory=services == "memory",
+            http=http or bool(services_url),
+            services_url=services_url,
+            secret_file=str(Path(secret_file).resolve()) if secret_file else "",
         )
         if services not in ("sqlite", "memory"):
             raise ValueError(f"--services must be sqlite or memory, got {services!r}")
@@ -169,6 +185,38 @@ def demo(
     except (AccordError, OSError, ValueError) as exc:
         _fail(str(exc))
     _finish(summary, as_json, f"accord demo ({protocol}, {orders} orders) in {data}")
+
+
+@app.command("services")
+def services_command(
+    data: Annotated[Path, typer.Option(help="Directory of the services' databases.")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8700,
+    orders: Annotated[int, typer.Option(help="Size the shop for this many orders.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed of the initial state and the faults.")] = 1,
+    fault_rate: Annotated[float, typer.Option(help="Probability of a fault per call.")] = 0.0,
+    latency_ms: Annotated[float, typer.Option(help="Median injected latency.")] = 0.0,
+    secret_file: Annotated[
+        Path | None, typer.Option(help="Hex shared secret (created, mode 0600, if missing).")
+    ] = None,
+) -> None:
+    """Run the shop's four services over HTTP: /order, /inventory, /payment, /shipping."""
+    if not 0 < port < 65536:
+        _fail(f"--port must be between 1 and 65535, got {port}")
+    try:
+        faults = Faults(fault_rate=fault_rate, latency_ms=latency_ms, seed=seed)
+        faults.validate()
+        secret_path = secret_file or data / "secret"
+        secret = load_secret(secret_path) if secret_path.exists() else new_secret(secret_path)
+        if not (data / "order.db").exists():
+            data.mkdir(parents=True, exist_ok=True)
+            initial = Workload(ShopConfig(orders=orders, seed=seed)).initial_state()
+            create_databases(data, initial)
+        app_, _ = build_app(data, secret, faults)
+    except (OSError, ValueError) as exc:
+        _fail(str(exc))
+    err.print(f"shop services on http://{host}:{port} (secret in {secret_path})")
+    uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False)
 
 
 @app.command()

@@ -21,10 +21,15 @@ from accord.core.spec import Protocol
 from accord.log import Store, open_store
 from accord.sim import invariants
 from accord.sim.faults import FAULT_KINDS, FaultConfig
+from accord.sim.http_demo import RemoteShop, load_secret, new_secret, views_from_state
+from accord.sim.http_shop import read_state
 from accord.sim.shop import Shop
 from accord.sim.workload import ShopConfig, Workload, order_spec
+from accord.transport.base import Transport
+from accord.transport.http import HttpTransport
 
 Progress = Callable[[int], None]
+HTTP_CALL_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +47,11 @@ class DemoConfig:
     # Keep the services' state in memory only (benchmarks: isolates the
     # coordinator's own cost). Such a run cannot be recovered or verified.
     services_in_memory: bool = False
+    # Reach the shop over HTTP: started by the demo, or already running at
+    # services_url (then secret_file holds its shared secret).
+    http: bool = False
+    services_url: str = ""
+    secret_file: str = ""
 
     def __post_init__(self) -> None:
         if self.orders < 1 or self.orders > 10_000_000:
@@ -85,17 +95,32 @@ async def run_demo(config: DemoConfig, progress: Progress | None = None) -> dict
     data.mkdir(parents=True, exist_ok=True)
     (data / "run.json").write_text(json.dumps(asdict(config), indent=2))
     workload = Workload(ShopConfig(orders=config.orders, seed=config.seed))
-    shop = Shop.create(
-        workload.initial_state(), None if config.services_in_memory else data / "services"
-    )
     store = open_store(_store_url(config, data, existing=False), synchronous=config.synchronous)
-    faults = FaultConfig(config.fault_rate, config.latency_ms)
-    coordinator = Coordinator(
-        store, shop.transport(faults, config.seed), max_in_flight=config.concurrency
-    )
+    shop: Shop | RemoteShop
+    if config.http:
+        shop = await _remote_shop(
+            config, data, fault_rate=config.fault_rate, latency_ms=config.latency_ms
+        )
+        transport: Transport = HttpTransport({shop.url: shop.key})
+        base_url = shop.url
+    else:
+        shop = Shop.create(
+            workload.initial_state(), None if config.services_in_memory else data / "services"
+        )
+        transport = shop.transport(FaultConfig(config.fault_rate, config.latency_ms), config.seed)
+        shop.start()
+        base_url = ""
+    coordinator = Coordinator(store, transport, max_in_flight=config.concurrency)
     protocol = Protocol(config.protocol)
-    specs = [order_spec(o, protocol, call_timeout_s=config.call_timeout_s) for o in workload.orders]
-    shop.start()
+    # Over HTTP a call crosses processes and queues behind others: a short
+    # timeout would turn load into timeouts, and timeouts into retries.
+    call_timeout_s = (
+        max(config.call_timeout_s, HTTP_CALL_TIMEOUT_S) if config.http else config.call_timeout_s
+    )
+    specs = [
+        order_spec(o, protocol, call_timeout_s=call_timeout_s, base_url=base_url)
+        for o in workload.orders
+    ]
     await coordinator.start()
     results: list[TxnResult] = []
     done = 0
@@ -116,6 +141,8 @@ async def run_demo(config: DemoConfig, progress: Progress | None = None) -> dict
         futures.append(fut)
     await asyncio.gather(*futures, return_exceptions=True)
     elapsed = time.perf_counter() - started
+    if isinstance(shop, RemoteShop):
+        await shop.refresh()
     summary = await _summarize(coordinator, shop, store, results, elapsed, config.orders)
     summary["data"] = str(data)
     summary["protocol"] = config.protocol
@@ -130,14 +157,16 @@ async def recover_run(
     """Resume every unfinished transaction of an interrupted run, then check."""
     config = _load_config(data)
     _check_persistent(config)
-    shop = Shop.open(data / "services")
     store = open_store(_store_url(config, data), synchronous=config.synchronous)
-    coordinator = Coordinator(
-        store,
-        shop.transport(FaultConfig(fault_rate, 0.0), config.seed + 1),
-        max_in_flight=config.concurrency,
-    )
-    shop.start()
+    shop: Shop | RemoteShop
+    if config.http:
+        shop = await _remote_shop(config, data, fault_rate=fault_rate, latency_ms=0.0)
+        transport: Transport = HttpTransport({shop.url: shop.key})
+    else:
+        shop = Shop.open(data / "services")
+        transport = shop.transport(FaultConfig(fault_rate, 0.0), config.seed + 1)
+        shop.start()
+    coordinator = Coordinator(store, transport, max_in_flight=config.concurrency)
     started = time.perf_counter()
     futures = await coordinator.start()
     results: list[TxnResult] = []
@@ -149,6 +178,8 @@ async def recover_run(
         if progress is not None:
             progress(i + 1)
     elapsed = time.perf_counter() - started
+    if isinstance(shop, RemoteShop):
+        await shop.refresh()
     summary = await _summarize(coordinator, shop, store, results, elapsed, len(futures))
     summary["recovered"] = len(futures)
     summary["recovery_s"] = round(elapsed, 3)
@@ -161,17 +192,24 @@ async def verify_run(data: Path) -> dict[str, Any]:
     """Check the invariants on the persisted state of a run."""
     config = _load_config(data)
     _check_persistent(config)
-    shop = Shop.open(data / "services")
     store = open_store(_store_url(config, data), synchronous=config.synchronous)
     await store.open()
     try:
         snaps = await store.snapshots()
     finally:
         await store.close()
-    # Persisted state only: no live counters, everything is replayed.
-    views = shop.views()
-    for view in views.values():
-        view.counters = None
+    if config.http and not (data / "services").exists():
+        remote = RemoteShop(config.services_url, load_secret(Path(config.secret_file)))
+        await remote.refresh()
+        views = remote.views()
+    elif config.http:
+        # The services' files: ledgers, and their counters as the live state.
+        views = views_from_state(await asyncio.to_thread(read_state, data / "services"))
+    else:
+        # Persisted state only: no live counters, everything is replayed.
+        views = Shop.open(data / "services").views()
+        for view in views.values():
+            view.counters = None
     report = invariants.check(views, {s.txid: s for s in snaps})
     counts: dict[str, int] = {}
     for s in snaps:
@@ -210,6 +248,34 @@ def _reasons(snaps: list[Any]) -> dict[str, int]:
     return out
 
 
+async def _remote_shop(
+    config: DemoConfig, data: Path, *, fault_rate: float, latency_ms: float
+) -> RemoteShop:
+    """The HTTP shop of a run: the one at services_url, or a child process."""
+    if config.services_url:
+        if not config.secret_file:
+            raise ValueError("--services-url needs --secret-file (the services' shared secret)")
+        shop = RemoteShop(config.services_url, load_secret(Path(config.secret_file)))
+        await shop.wait_ready()
+        return shop
+    secret_file = data / "secret"
+    url_file = data / "services.url"
+    if not secret_file.exists():
+        new_secret(secret_file)
+    port = 0
+    if url_file.exists():  # a later command of the same run: same port, maybe still up
+        shop = RemoteShop(url_file.read_text().strip(), load_secret(secret_file))
+        if await shop.answers():
+            return shop
+        port = int(shop.url.rsplit(":", 1)[1])
+    shop = await RemoteShop.start(
+        data / "services", secret_file, orders=config.orders, seed=config.seed,
+        fault_rate=fault_rate, latency_ms=latency_ms, port=port,
+    )  # fmt: skip
+    url_file.write_text(shop.url)
+    return shop
+
+
 def _check_persistent(config: DemoConfig) -> None:
     if config.store == "memory":
         raise ValueError("this run kept its log in memory: nothing of it survives to check")
@@ -230,7 +296,7 @@ def _load_config(data: Path) -> DemoConfig:
 
 async def _summarize(
     coordinator: Coordinator,
-    shop: Shop,
+    shop: Shop | RemoteShop,
     store: Store,
     results: list[TxnResult],
     elapsed: float,

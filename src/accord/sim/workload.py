@@ -100,8 +100,10 @@ def order_spec(
     timeout_s: float = 30.0,
     call_timeout_s: float = 0.5,
     retry: RetryPolicy | None = None,
+    base_url: str = "",
 ) -> TransactionSpec:
-    """The global transaction of one order: one branch per service."""
+    """The global transaction of one order: one branch per service, reached
+    by name in process or at ``{base_url}/{service}`` over HTTP."""
     items = [list(item) for item in order.items]
     payloads = {
         "order": {"order_id": order.order_id, "customer": order.customer, "amount": order.amount},
@@ -118,7 +120,11 @@ def order_spec(
         timeout_s=timeout_s,
         branches=tuple(
             BranchSpec(
-                name=s, participant=s, payload=payloads[s], retry=policy, timeout_s=call_timeout_s
+                name=s,
+                participant=f"{base_url}/{s}" if base_url else s,
+                payload=payloads[s],
+                retry=policy,
+                timeout_s=call_timeout_s,
             )
             for s in SERVICES
         ),

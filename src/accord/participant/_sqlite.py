@@ -1,0 +1,347 @@
+"""The barrier on SQLite (stdlib ``sqlite3``, WAL).
+
+Every call runs in one worker thread of a small dedicated pool, on that
+thread's own connection, inside ``BEGIN IMMEDIATE``: SQLite lets one writer
+at a time hold that lock, so the whole barrier sequence (look up, decide,
+run the handler, record) is serialized across threads, connections and
+processes sharing the file. Concurrent calls wait for the lock (up to
+``busy_timeout_s``) rather than interleave, which is what makes "confirm and
+cancel never both apply" hold without any row locking. Handlers are plain
+functions of the ``sqlite3.Connection``; they run in the worker thread while
+the lock is held, so they should be short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal, TypeVar
+
+from accord.core.machine import Outcome
+from accord.core.spec import Op
+from accord.participant._barrier import (
+    CLEANUP_BATCH_ROWS,
+    DEFAULT_MIN_RETENTION_S,
+    FORWARD,
+    RIVAL,
+    BarrierError,
+    BarrierResult,
+    Kind,
+    Refusal,
+    Row,
+    Step,
+    answer,
+    blocked_error,
+    check_key,
+    check_min_retention,
+    check_retention,
+    check_table,
+    decide,
+    decode_result,
+    encode_result,
+    index_name,
+    refusal_message,
+)
+
+SQLiteHandler = Callable[[sqlite3.Connection], Any]
+
+_SAVEPOINT = "accord_handler"
+_T = TypeVar("_T")
+
+
+class SQLiteBarrier:
+    """The barrier in a SQLite file, next to the service's own tables.
+
+    ``handler(conn)`` gets the connection with the transaction open and must
+    neither commit nor roll back. ``synchronous="FULL"`` (the default) makes
+    a commit survive power loss: the answer the coordinator receives is then
+    never forgotten. ``max_workers`` bounds the threads (and connections);
+    0 runs every call on the event loop's thread.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        table: str = "accord_barrier",
+        max_workers: int = 4,
+        busy_timeout_s: float = 30.0,
+        synchronous: Literal["FULL", "NORMAL"] = "FULL",
+        min_retention_s: float = DEFAULT_MIN_RETENTION_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not 0 <= max_workers <= 64:
+            raise ValueError(f"max_workers must be between 0 and 64, got {max_workers}")
+        if not 0 < busy_timeout_s <= 3600:
+            raise ValueError(f"busy_timeout_s must be in (0, 3600], got {busy_timeout_s}")
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError(f"synchronous must be 'FULL' or 'NORMAL', got {synchronous!r}")
+        self._path = os.fspath(path)
+        self._table_name = table
+        self._table = check_table(table)
+        if "." in table:
+            raise ValueError("a SQLite barrier table cannot be schema-qualified")
+        self._busy_timeout_s = busy_timeout_s
+        self._synchronous = synchronous
+        self.min_retention_s = check_min_retention(min_retention_s)
+        self._clock = clock
+        # 0 workers: run on the event loop's thread. Each call then blocks the
+        # loop for its duration (a fraction of a millisecond with
+        # synchronous=NORMAL on a local disk) but pays no thread hand-off,
+        # which on a busy loop costs more than the SQLite work itself.
+        self._executor = (
+            ThreadPoolExecutor(max_workers, thread_name_prefix="accord-barrier")
+            if max_workers
+            else None
+        )
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def async_handlers(self) -> bool:
+        return False
+
+    async def __aenter__(self) -> SQLiteBarrier:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Wait for running calls, then close every connection."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._executor is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            conn.close()
+
+    async def migrate(self) -> None:
+        await self._submit(self._migrate_sync)
+
+    async def run(
+        self, txid: str, branch: str, op: Op | str, handler: SQLiteHandler
+    ) -> BarrierResult:
+        """Run ``handler`` at most once for ``(txid, branch, op)``; see :class:`Barrier`."""
+        checked = check_key(txid, branch, op)
+        if inspect.iscoroutinefunction(handler):
+            raise TypeError("SQLiteBarrier handlers must be plain functions, not coroutines")
+        return await self._submit(functools.partial(self._run_sync, txid, branch, checked, handler))
+
+    async def cleanup(self, older_than_s: float) -> int:
+        """Delete rows created more than ``older_than_s`` ago (at least
+        ``min_retention_s``); returns how many were deleted."""
+        check_retention(older_than_s, self.min_retention_s)
+        cutoff_ms = int((self._clock() - older_than_s) * 1000)
+        return await self._submit(functools.partial(self._cleanup_sync, cutoff_ms))
+
+    # ------------------------------------------------------------ worker thread
+
+    async def _submit(self, fn: Callable[[], _T]) -> _T:
+        if self._closed:
+            raise BarrierError("the barrier is closed")
+        if self._executor is None:
+            return fn()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def _connection(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                self._path,
+                timeout=self._busy_timeout_s,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            with self._connections_lock:
+                self._connections.append(conn)
+            self._local.conn = conn
+        return conn
+
+    def _migrate_sync(self) -> None:
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(
+                f"""CREATE TABLE IF NOT EXISTS {self._table} (
+                    txid TEXT NOT NULL,
+                    branch TEXT NOT NULL,
+                    op TEXT NOT NULL,
+                    kind TEXT NOT NULL,
+                    result TEXT,
+                    error TEXT NOT NULL DEFAULT '',
+                    created_at_ms INTEGER NOT NULL,
+                    PRIMARY KEY (txid, branch, op)
+                )"""
+            )
+            conn.execute(
+                f"CREATE INDEX IF NOT EXISTS {index_name(self._table_name)}"
+                f" ON {self._table} (created_at_ms)"
+            )
+            conn.execute("COMMIT")
+        finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+
+    def _run_sync(self, txid: str, branch: str, op: Op, handler: SQLiteHandler) -> BarrierResult:
+        conn = self._connection()
+        now_ms = int(self._clock() * 1000)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result, commit = self._apply(conn, txid, branch, op, handler, now_ms)
+            conn.execute("COMMIT" if commit else "ROLLBACK")
+            return result
+        finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+
+    def _apply(
+        self,
+        conn: sqlite3.Connection,
+        txid: str,
+        branch: str,
+        op: Op,
+        handler: SQLiteHandler,
+        now_ms: int,
+    ) -> tuple[BarrierResult, bool]:
+        """One call inside the open transaction: (the answer, whether to commit)."""
+        if not self._insert(conn, txid, branch, op, Kind.PENDING, "", now_ms):
+            own = self._select(conn, txid, branch, op)
+            if own is None:
+                raise BarrierError(f"barrier row ({txid}, {branch}, {op}) vanished")
+            return answer(own, duplicate=True), False
+        forward_op = FORWARD.get(op)
+        if forward_op is not None:
+            forward = self._select(conn, txid, branch, forward_op)
+            rival_op = RIVAL.get(op)
+            rival = None if rival_op is None else self._select(conn, txid, branch, rival_op)
+            step, reason = decide(op, forward, rival)
+            if step is Step.REJECT:
+                return BarrierResult(Outcome.REJECTED, error=reason), False
+            if step is Step.NULL_AND_BLOCK:
+                error = blocked_error(forward_op, op)
+                if not self._insert(conn, txid, branch, forward_op, Kind.BLOCKED, error, now_ms):
+                    raise BarrierError(f"barrier row ({txid}, {branch}, {forward_op}) appeared")
+            if step is not Step.RUN:
+                self._finish(conn, txid, branch, op, Kind.NULL, None, "")
+                return BarrierResult(Outcome.OK), True
+
+        conn.execute(f"SAVEPOINT {_SAVEPOINT}")
+        try:
+            value = handler(conn)
+            if inspect.isawaitable(value):
+                close = getattr(value, "close", None)
+                if close is not None:
+                    close()
+                raise TypeError("SQLiteBarrier handlers must not return awaitables")
+            text = encode_result(value)
+        except Refusal as exc:
+            _check_open(conn)
+            message = refusal_message(exc)
+            if forward_op is not None:
+                # A refused confirm / cancel / compensate breaks the participant's
+                # contract; recording it would make the refusal permanent, so
+                # nothing is kept and a later retry runs the handler again.
+                return BarrierResult(Outcome.REFUSED, error=message), False
+            conn.execute(f"ROLLBACK TO {_SAVEPOINT}")
+            conn.execute(f"RELEASE {_SAVEPOINT}")
+            self._finish(conn, txid, branch, op, Kind.REFUSED, None, message)
+            return BarrierResult(Outcome.REFUSED, error=message), True
+        _check_open(conn)
+        conn.execute(f"RELEASE {_SAVEPOINT}")
+        self._finish(conn, txid, branch, op, Kind.APPLIED, text, "")
+        return BarrierResult(Outcome.OK, decode_result(text)), True
+
+    def _insert(
+        self,
+        conn: sqlite3.Connection,
+        txid: str,
+        branch: str,
+        op: Op,
+        kind: Kind,
+        error: str,
+        now_ms: int,
+    ) -> bool:
+        cursor = conn.execute(
+            f"INSERT OR IGNORE INTO {self._table}"
+            " (txid, branch, op, kind, result, error, created_at_ms)"
+            " VALUES (?, ?, ?, ?, NULL, ?, ?)",
+            (txid, branch, op.value, kind.value, error, now_ms),
+        )
+        return cursor.rowcount == 1
+
+    def _select(self, conn: sqlite3.Connection, txid: str, branch: str, op: Op) -> Row | None:
+        found = conn.execute(
+            f"SELECT kind, result, error FROM {self._table}"
+            " WHERE txid = ? AND branch = ? AND op = ?",
+            (txid, branch, op.value),
+        ).fetchone()
+        if found is None:
+            return None
+        return _row(found[0], found[1], found[2])
+
+    def _finish(
+        self,
+        conn: sqlite3.Connection,
+        txid: str,
+        branch: str,
+        op: Op,
+        kind: Kind,
+        result: str | None,
+        error: str,
+    ) -> None:
+        cursor = conn.execute(
+            f"UPDATE {self._table} SET kind = ?, result = ?, error = ?"
+            " WHERE txid = ? AND branch = ? AND op = ? AND kind = 'pending'",
+            (kind.value, result, error, txid, branch, op.value),
+        )
+        if cursor.rowcount != 1:
+            raise BarrierError(f"barrier row ({txid}, {branch}, {op}) is no longer pending")
+
+    def _cleanup_sync(self, cutoff_ms: int) -> int:
+        conn = self._connection()
+        deleted = 0
+        while True:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                cursor = conn.execute(
+                    f"DELETE FROM {self._table} WHERE rowid IN"
+                    f" (SELECT rowid FROM {self._table} WHERE created_at_ms < ? LIMIT ?)",
+                    (cutoff_ms, CLEANUP_BATCH_ROWS),
+                )
+                conn.execute("COMMIT")
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            deleted += cursor.rowcount
+            if cursor.rowcount < CLEANUP_BATCH_ROWS:
+                return deleted
+
+
+def _check_open(conn: sqlite3.Connection) -> None:
+    if not conn.in_transaction:
+        # The handler committed (or rolled back) on its own: its changes and
+        # perhaps the pending barrier row are committed without an answer.
+        # Failing loudly beats running it again.
+        raise BarrierError("the handler ended the local transaction; it must not commit")
+
+
+def _row(kind: str, result: str | None, error: str) -> Row:
+    try:
+        return Row(Kind(kind), result, error)
+    except ValueError:
+        raise BarrierError(f"unknown barrier row kind {kind!r}") from None

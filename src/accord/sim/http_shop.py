@@ -1,0 +1,342 @@
+"""The shop as real HTTP services, written with the participant SDK.
+
+Each of the four services keeps, in its own SQLite file, its business state
+(``counters``), a ledger of applied effects (``ledger``, same layout as the
+in-process simulation so the same checker reads it) and the SDK's barrier
+table. Its handlers are the same business rules as the in-process services
+(:mod:`accord.sim.services`); the SDK makes them run once per (transaction,
+branch, operation), in the same local transaction as the business update.
+
+A fault-injecting ASGI middleware sits in front of each service (latency,
+503s, timeouts before and after applying, duplicate deliveries, down
+windows), configurable at start and at run time through ``/admin/faults``.
+``/admin/state`` returns every service's initial state, counters and ledger
+for the invariant checker. Admin endpoints need the shared secret as a
+bearer token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import math
+import random
+import sqlite3
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+
+from accord import wire
+from accord.core.spec import Op
+from accord.participant import Participant, Refusal, SQLiteBarrier
+from accord.sim import services as sim
+from accord.sim.faults import FAULT_KINDS
+from accord.sim.services import RULES, Counters, ServiceStore
+from accord.sim.workload import SERVICES
+
+KEY_ID = "shop"
+_MIX = (0.32, 0.17, 0.22, 0.25, 0.04)
+_SIGMA = math.log(5) / 2.326
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+# ---------------------------------------------------------------- storage
+
+
+def create_databases(directory: Path, initial: dict[str, Counters]) -> None:
+    """Fresh service files: initial state, empty ledger, counters."""
+    for name in SERVICES:
+        store = ServiceStore(directory / f"{name}.db")
+        store.create(initial[name])
+        conn = sqlite3.connect(directory / f"{name}.db", isolation_level=None)
+        try:
+            conn.execute("CREATE TABLE counters (key TEXT PRIMARY KEY, v TEXT NOT NULL)")
+            conn.executemany(
+                "INSERT INTO counters(key, v) VALUES (?, ?)",
+                [(k, json.dumps(v)) for k, v in initial[name].items()],
+            )
+        finally:
+            conn.close()
+
+
+def read_counters(path: Path) -> Counters:
+    conn = sqlite3.connect(path)
+    try:
+        return {k: json.loads(v) for k, v in conn.execute("SELECT key, v FROM counters")}
+    finally:
+        conn.close()
+
+
+class _Counters:
+    """A read-through view of the counters for the business rules."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self.seen: dict[str, list[int] | None] = {}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key not in self.seen:
+            row = self._conn.execute("SELECT v FROM counters WHERE key = ?", (key,)).fetchone()
+            self.seen[key] = json.loads(row[0]) if row else None
+        value = self.seen[key]
+        return default if value is None else value
+
+
+def _handler(rules: sim.Rules, op: Op) -> Callable[[sqlite3.Connection, wire.WireRequest], Any]:
+    rule = rules.rule(op)
+
+    def handle(conn: sqlite3.Connection, call: wire.WireRequest) -> None:
+        view = _Counters(conn)
+        try:
+            effect = rule(view, call.payload)  # type: ignore[arg-type]
+        except sim.Refusal as exc:
+            raise Refusal(str(exc)) from None
+        for key, deltas in effect:
+            row = view.get(key) or [0] * len(deltas)
+            new = [a + d for a, d in zip(row, deltas, strict=True)]
+            conn.execute(
+                "INSERT INTO counters(key, v) VALUES (?, ?)"
+                " ON CONFLICT(key) DO UPDATE SET v = excluded.v",
+                (key, json.dumps(new)),
+            )
+            view.seen[key] = new
+        conn.execute(
+            "INSERT INTO ledger(txid, branch, op, kind, effect) VALUES (?, ?, ?, ?, ?)",
+            (call.txid, call.branch, call.op, sim.APPLIED, json.dumps(effect)),
+        )
+
+    return handle
+
+
+# ---------------------------------------------------------------- faults
+
+
+@dataclass(slots=True)
+class Faults:
+    """Fault settings shared by the four services; changed at run time."""
+
+    fault_rate: float = 0.0
+    latency_ms: float = 0.0
+    hang_s: float = 1.0  # how long a "timeout" keeps the caller waiting
+    seed: int = 1
+    counts: Counter[str] = field(default_factory=Counter)
+    rng: random.Random = field(default_factory=random.Random)
+
+    def validate(self) -> None:
+        if not 0 <= self.fault_rate <= 1:
+            raise ValueError(f"fault_rate must be between 0 and 1, got {self.fault_rate}")
+        if not 0 <= self.latency_ms <= 60_000:
+            raise ValueError(f"latency_ms must be between 0 and 60000, got {self.latency_ms}")
+        if not 0 < self.hang_s <= 600:
+            raise ValueError(f"hang_s must be in (0, 600], got {self.hang_s}")
+
+
+class FaultMiddleware:
+    """Misbehaves in front of one service, as a real network and server would."""
+
+    def __init__(self, app: ASGIApp, name: str, faults: Faults, secret: bytes) -> None:
+        self.app = app
+        self.name = name
+        self.faults = faults
+        self.secret = secret
+        self.down_until = 0.0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        f = self.faults
+        if scope["type"] != "http" or (f.fault_rate == 0 and f.latency_ms == 0):
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self.down_until:
+            f.counts["refused_while_down"] += 1
+            await _plain(send, 503, f"{self.name} is down")
+            return
+        fault = None
+        if f.rng.random() < f.fault_rate:
+            fault = f.rng.choices(FAULT_KINDS, _MIX)[0]
+            f.counts[fault] += 1
+        if f.latency_ms > 0:
+            await asyncio.sleep(f.latency_ms * math.exp(_SIGMA * f.rng.gauss(0, 1)) / 1000)
+        if fault == "down":
+            self.down_until = loop.time() + 0.02 + 0.18 * f.rng.random()
+            await _plain(send, 503, f"{self.name} is down")
+        elif fault == "transient":
+            await _plain(send, 503, "service unavailable")
+        elif fault == "timeout_before":
+            await asyncio.sleep(f.hang_s)
+            await _plain(send, 504, "gave up")
+        elif fault == "timeout_after":
+            body = await _read_all(receive)
+            await self.app(scope, _replay(body), _discard)
+            await asyncio.sleep(f.hang_s)
+            await _plain(send, 504, "gave up")
+        elif fault == "duplicate":
+            body = await _read_all(receive)
+            # The same request delivered twice; re-signed, as replay protection
+            # would (rightly) refuse a byte-identical copy.
+            await self.app(_resigned(scope, body, self.secret), _replay(body), _discard)
+            await self.app(scope, _replay(body), send)
+        else:
+            await self.app(scope, receive, send)
+
+
+async def _read_all(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes) -> Receive:
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+async def _discard(message: Message) -> None:
+    return None
+
+
+def _resigned(scope: Scope, body: bytes, secret: bytes) -> Scope:
+    # Sign the path exactly as the participant will read it back.
+    fresh = wire.sign(secret, KEY_ID, "POST", Request(scope).url.path, body)
+    drop = {k.encode() for k in fresh}
+    headers = [(k, v) for k, v in scope["headers"] if k.lower() not in drop]
+    headers += [(k.encode(), v.encode()) for k, v in fresh.items()]
+    return {**scope, "headers": headers}
+
+
+async def _plain(send: Send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+# ---------------------------------------------------------------- the app
+
+
+def build_app(
+    directory: Path, secret: bytes, faults: Faults
+) -> tuple[Starlette, list[SQLiteBarrier]]:
+    """The four services under /order, /inventory, /payment, /shipping, plus admin."""
+    faults.validate()
+    faults.rng = random.Random(faults.seed)
+    verifier = wire.Verifier({KEY_ID: secret})
+    routes: list[Any] = []
+    barriers = []
+    for name in SERVICES:
+        # NORMAL: a commit survives the crash of the process (the scenario's
+        # crashes), not of the machine; inline: see SQLiteBarrier.
+        barrier = SQLiteBarrier(directory / f"{name}.db", synchronous="NORMAL", max_workers=0)
+        barriers.append(barrier)
+        rules = RULES[name]()
+        participant: Participant[sqlite3.Connection] = Participant(
+            barrier, verifier, handlers={op: _handler(rules, op) for op in Op}
+        )
+        routes.append(Mount(f"/{name}", FaultMiddleware(participant, name, faults, secret)))
+
+    def authorized(request: Request) -> bool:
+        given = request.headers.get("authorization", "")
+        return hmac.compare_digest(given.encode(), b"Bearer " + secret.hex().encode())
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    async def set_faults(request: Request) -> Response:
+        if not authorized(request):
+            return JSONResponse({"error": "unauthorized"}, status_code=401)
+        try:
+            body = await request.json()
+            updated = Faults(
+                fault_rate=float(body.get("fault_rate", faults.fault_rate)),
+                latency_ms=float(body.get("latency_ms", faults.latency_ms)),
+                hang_s=float(body.get("hang_s", faults.hang_s)),
+            )
+            updated.validate()
+        except (ValueError, TypeError, AttributeError) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=422)
+        faults.fault_rate, faults.latency_ms, faults.hang_s = (
+            updated.fault_rate, updated.latency_ms, updated.hang_s,
+        )  # fmt: skip
+        return JSONResponse(_fault_view(faults))
+
+    async def get_faults(request: Request) -> Response:
+        if not authorized(request):
+            return JSONResponse({"error": "unauthorized"}, status_code=401)
+        return JSONResponse(_fault_view(faults))
+
+    async def state(request: Request) -> Response:
+        if not authorized(request):
+            return JSONResponse({"error": "unauthorized"}, status_code=401)
+        return JSONResponse(await asyncio.to_thread(read_state, directory))
+
+    routes += [
+        Route("/healthz", healthz),
+        Route("/admin/faults", set_faults, methods=["POST"]),
+        Route("/admin/faults", get_faults, methods=["GET"]),
+        Route("/admin/state", state),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        for barrier in barriers:
+            await barrier.migrate()
+        try:
+            yield
+        finally:
+            for barrier in barriers:
+                await barrier.close()
+
+    return Starlette(routes=routes, lifespan=lifespan), barriers
+
+
+def _fault_view(faults: Faults) -> dict[str, Any]:
+    return {
+        "fault_rate": faults.fault_rate,
+        "latency_ms": faults.latency_ms,
+        "hang_s": faults.hang_s,
+        "counts": dict(faults.counts),
+    }
+
+
+def read_state(directory: Path) -> dict[str, Any]:
+    """Every service's initial state, counters and ledger, from its file."""
+    out = {}
+    for name in SERVICES:
+        path = directory / f"{name}.db"
+        initial, entries = ServiceStore(path).load()
+        out[name] = {
+            "initial": initial,
+            "counters": read_counters(path),
+            "ledger": [list(e) for e in entries],
+        }
+    return out
