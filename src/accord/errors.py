@@ -9,7 +9,9 @@
     ├── StoreError              the durable log failed (retryable unless noted)
     │   └── SchemaVersionError  the log was written by an incompatible version
     ├── CoordinatorClosed       the coordinator is shut down or not started
-    └── Overloaded              in-flight limit reached and the caller chose not to wait
+    ├── Overloaded              in-flight limit reached and the caller chose not to wait
+    ├── participant.Refusal     a participant's handler refuses (business refusal)
+    └── participant.BarrierError  a participant's barrier table is inconsistent
 
 Errors carry structured fields (``txid``, ``field``) and a ``retryable`` flag so
 that callers can decide without parsing messages.

@@ -336,7 +336,7 @@ def _error_text(raw: bytes, reason: str | None) -> str:
             body = None
         if type(body) is dict:
             error = body.get("error")
-            if isinstance(error, str) and error.strip():
+            if isinstance(error, str):
                 return _clip(error)
         text = raw[: MAX_ERROR_CHARS * 4].decode("utf-8", "replace").strip()
         if text:
