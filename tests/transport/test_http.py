@@ -287,11 +287,14 @@ async def test_other_4xx_is_rejected_with_status_and_error(
 async def test_error_text_falls_back_to_body_text_then_reason(
     serve: Serve, transport: HttpTransport
 ) -> None:
-    """A non-JSON error body is quoted (clipped); an empty one gives the reason phrase."""
+    """A non-JSON error body, or JSON with a blank "error", is quoted (clipped); an empty
+    body gives the reason phrase. A refusal never comes back without a reason."""
 
     async def handler(request: web.Request) -> web.Response:
         if request.path.startswith("/text"):
             return web.Response(status=400, text="bad  thing " + "x" * 5000)
+        if request.path.startswith("/blank"):
+            return json_response(409, {"error": "  ", "detail": "out of stock"})
         return web.Response(status=404)
 
     base = await serve(handler)
@@ -299,6 +302,8 @@ async def test_error_text_falls_back_to_body_text_then_reason(
     assert text.error.startswith("HTTP 400: bad  thing xxx")
     assert len(text.error) < 400
     assert (await transport.call(make_call(f"{base}/none"))).error == "HTTP 404: Not Found"
+    blank = await transport.call(make_call(f"{base}/blank"))
+    assert blank == Reply(Outcome.REFUSED, error='{"error":"  ","detail":"out of stock"}')
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 504])

@@ -68,8 +68,9 @@ DEFAULT_MAX_CONNECTIONS = 200
 MAX_RETRY_AFTER_S = 3600.0
 # Error texts end up in log records and operator views: keep them short.
 MAX_ERROR_CHARS = 300
-# Prepared targets are cached per (participant, op); a deployment has a few
-# dozen. The bound only stops a stream of distinct URLs from growing memory.
+# Prepared targets are cached per (participant, op), and timeouts per value; a
+# deployment has a few dozen of each. The bound only stops a stream of distinct
+# URLs or timeouts from growing memory.
 MAX_CACHED_TARGETS = 4096
 
 Key = tuple[str, bytes]
@@ -154,6 +155,8 @@ class HttpTransport(Transport):
         timeout_s = call.timeout_s
         timeout = self._timeouts.get(timeout_s)
         if timeout is None:
+            if len(self._timeouts) >= MAX_CACHED_TARGETS:
+                self._timeouts.clear()
             timeout = self._timeouts[timeout_s] = aiohttp.ClientTimeout(total=timeout_s)
         session = self._session
         if session is None or session.closed or self._loop is not asyncio.get_running_loop():
@@ -336,7 +339,7 @@ def _error_text(raw: bytes, reason: str | None) -> str:
             body = None
         if type(body) is dict:
             error = body.get("error")
-            if isinstance(error, str):
+            if isinstance(error, str) and error.strip():
                 return _clip(error)
         text = raw[: MAX_ERROR_CHARS * 4].decode("utf-8", "replace").strip()
         if text:
