@@ -269,13 +269,13 @@ async def test_handler_exceptions_are_transient(world: World) -> None:
     assert world.parts["p0"].ops()[:2] == [("b0", Op.TRY, 1), ("b0", Op.TRY, 2)]
 
 
-async def test_unknown_participant_is_rejected_and_parks_the_transaction(world: World) -> None:
-    """An unknown participant is rejected, and so is its cancel: the txn needs attention."""
+async def test_unknown_participant_is_rejected_and_aborts_the_transaction(world: World) -> None:
+    """An unknown participant rejects the try: the txn aborts, only the others are cancelled."""
     result = await world.run(tcc("t1", "p0", "nobody"))
-    assert result.status is TxnStatus.NEEDS_ATTENTION
-    assert result.reason == "cancel of branch 'b1' was rejected: unknown participant 'nobody'"
+    assert result.status is TxnStatus.ABORTED
+    assert result.reason == "branch 'b1' rejected the request: unknown participant 'nobody'"
     assert world.parts["p0"].ops() == [("b0", Op.TRY, 1), ("b0", Op.CANCEL, 1)]
-    assert await status_in_log(world.store, "t1") == (TxnStatus.NEEDS_ATTENTION, Decision.ABORT)
+    assert await status_in_log(world.store, "t1") == (TxnStatus.ABORTED, Decision.ABORT)
 
 
 async def test_deadline_aborts_a_transaction_whose_try_never_answers(

@@ -15,7 +15,7 @@ from accord.errors import (
     TransactionNotFound,
 )
 from accord.log import MemoryStore, SQLiteStore, Store, open_store
-from accord.transport import Call, InProcessTransport, Reply, Transport
+from accord.transport import Call, HttpTransport, InProcessTransport, Reply, Transport
 
 __version__ = "0.1.0"
 
@@ -27,6 +27,7 @@ __all__ = [
     "CoordinatorClosed",
     "Decision",
     "DuplicateTransaction",
+    "HttpTransport",
     "InProcessTransport",
     "InvalidTransaction",
     "MemoryStore",

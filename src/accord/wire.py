@@ -84,8 +84,19 @@ def decode_request(body: bytes) -> WireRequest:
     return request
 
 
+def signed_path(scope: Mapping[str, Any], fallback: str) -> str:
+    """The path that is signed: as the client put it on the request line,
+    percent-encoded, prefix included, query excluded (the ASGI ``raw_path``);
+    ``fallback`` (the decoded path) for servers that do not supply it."""
+    raw = scope.get("raw_path")
+    if isinstance(raw, bytes) and raw:
+        return raw.decode("latin-1").split("?", 1)[0]
+    return fallback
+
+
 def canonical(method: str, path: str, timestamp: str, nonce: str, body: bytes) -> bytes:
-    """What is signed: method, path, timestamp, nonce and the body's digest."""
+    """What is signed: method, path (see :func:`signed_path`), timestamp,
+    nonce and the body's digest."""
     digest = hashlib.sha256(body).hexdigest()
     return f"{method.upper()}\n{path}\n{timestamp}\n{nonce}\n{digest}".encode()
 
@@ -104,14 +115,23 @@ class SignatureError(Exception):
     """The request's signature does not hold; the message says why."""
 
 
+class ReplayMemoryFull(Exception):
+    """Too many requests inside the replay window to remember them all: the
+    request is refused for now (retryable), never accepted unchecked."""
+
+
 class Verifier:
     """Checks signatures and remembers recent nonces to refuse replays.
 
-    The nonce memory is bounded (``max_nonces``, oldest forgotten first) and
-    only needs to cover ``MAX_SKEW_S``: an older request is refused as stale.
+    The nonce memory only needs to cover ``MAX_SKEW_S`` (an older request is
+    refused as stale) and is bounded by ``max_nonces``: when it is full of
+    nonces still inside the window, requests are refused with
+    :class:`ReplayMemoryFull` (answer 503, the caller retries) rather than
+    forgetting a nonce that could then be replayed. Size it for the call rate
+    times ``2 * MAX_SKEW_S``.
     """
 
-    def __init__(self, keys: Mapping[str, bytes], *, max_nonces: int = 100_000) -> None:
+    def __init__(self, keys: Mapping[str, bytes], *, max_nonces: int = 1_000_000) -> None:
         if not keys:
             raise ValueError("at least one key is required")
         self._keys = dict(keys)
@@ -152,9 +172,9 @@ class Verifier:
         self._forget_before(now - MAX_SKEW_S)
         if nonce in self._seen:
             raise SignatureError("replayed request (nonce already used)")
+        if len(self._seen) >= self._max_nonces:
+            raise ReplayMemoryFull(f"{self._max_nonces} requests inside the replay window")
         self._seen[nonce] = now
-        if len(self._seen) > self._max_nonces:
-            self._seen.popitem(last=False)
         return key_id
 
     def _forget_before(self, cutoff: float) -> None:

@@ -213,12 +213,14 @@ def test_tcc_refusal_aborts_at_once_and_cancels_every_tried_branch() -> None:
 
 
 def test_rejected_try_aborts_without_retry() -> None:
-    """A rejected request in the prepare phase aborts like a refusal."""
+    """A rejected try aborts at once; the rejected branch (nothing applied) gets no cancel."""
     run = Run.start(make_spec(n=2))
     actions = run(reply(0, Op.TRY, outcome=Outcome.REJECTED, error="bad call"))
     assert run.state.status is TxnStatus.ABORTING
     assert "rejected the request" in run.state.reason
-    assert sends(actions) == [(0, Op.CANCEL, 1), (1, Op.CANCEL, 1)]
+    assert sends(actions) == [(1, Op.CANCEL, 1)]
+    end = run(reply(1, Op.CANCEL))
+    assert end[-1] == Finish(TxnStatus.ABORTED)
 
 
 def test_sequential_refusal_cancels_only_branches_that_were_sent() -> None:

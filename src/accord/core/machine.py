@@ -56,7 +56,8 @@ class BranchStatus(StrEnum):
     WAITING = "waiting"  # failed transiently; a retry is scheduled
     PREPARED = "prepared"  # try / action succeeded
     REFUSED = "refused"  # try / action refused
-    FAILED = "failed"  # try / action gave up (attempts, deadline, rejected)
+    FAILED = "failed"  # try / action gave up (attempts, deadline): may have applied
+    REJECTED = "rejected"  # try / action rejected as malformed: never applied
     DONE = "done"  # confirm / cancel / compensate succeeded, or nothing to undo
     STUCK = "stuck"  # confirm / cancel / compensate gave up: needs attention
 
@@ -301,7 +302,9 @@ def _on_prepare_reply(state: TxnState, ev: Replied, b: BranchState) -> Step:
         state.branches[i] = BranchState(BranchStatus.REFUSED, b.op, b.attempt, ev.error)
         return _abort(state, f"branch {name!r} refused: {ev.error}", ev.now_ms)
     if outcome is Outcome.REJECTED:
-        state.branches[i] = BranchState(BranchStatus.FAILED, b.op, b.attempt, ev.error)
+        # The participant refused to process the request at all: nothing was
+        # applied, and its cancel would be rejected just the same.
+        state.branches[i] = BranchState(BranchStatus.REJECTED, b.op, b.attempt, ev.error)
         return _abort(state, f"branch {name!r} rejected the request: {ev.error}", ev.now_ms)
     policy = spec.branches[i].retry
     if b.attempt >= policy.maximum_attempts:
@@ -411,13 +414,14 @@ def _abort(
     state.reason = reason
     spec = state.spec
     op = spec.abort_op
-    # A branch never sent (PENDING) has nothing to undo; a refused one gets its
-    # cancel too, which also bars a late duplicate of its try from applying.
+    # A branch never sent (PENDING) or whose request was rejected as malformed
+    # has nothing to undo; a refused one gets its cancel too, which also bars
+    # a late duplicate of its try from applying.
     touched = []
     for i, b in enumerate(state.branches):
         if b.status is BranchStatus.PENDING:
             state.branches[i] = _NOTHING_TO_UNDO
-        else:
+        elif b.status is not BranchStatus.REJECTED:
             touched.append(i)
     if spec.protocol is Protocol.SAGA:
         # Reverse order, one at a time: start with the last step that was tried.
@@ -504,7 +508,7 @@ def summaries(state: TxnState) -> tuple[BranchSummary, ...]:
 
 _PENDING = BranchState()
 _NOTHING_TO_UNDO = BranchState(BranchStatus.DONE)
-_SETTLED = frozenset({BranchStatus.DONE, BranchStatus.STUCK})
+_SETTLED = frozenset({BranchStatus.DONE, BranchStatus.STUCK, BranchStatus.REJECTED})
 
 
 def _delay_ms(state: TxnState, ev: Replied, failed: int) -> int:

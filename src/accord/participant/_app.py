@@ -146,6 +146,8 @@ class Participant(Generic[TxT]):
             self.verifier.verify("POST", _signed_path(request), request.headers, body)
         except wire.SignatureError as exc:
             return _error(401, f"signature rejected: {exc}")
+        except wire.ReplayMemoryFull as exc:
+            return _error(503, f"too busy to check for replays: {exc}")
         try:
             call = wire.decode_request(body)
             check_key(call.txid, call.branch, call.op)
@@ -171,10 +173,7 @@ def _signed_path(request: Request) -> str:
     prefix included, query excluded. That is what the HTTP transport signs;
     ``request.url.path`` is percent-decoded, so it differs for paths such as
     ``/caf%C3%A9/try``. Falls back to it for servers that omit ``raw_path``."""
-    raw = request.scope.get("raw_path")
-    if isinstance(raw, bytes) and raw:
-        return raw.decode("latin-1").split("?", 1)[0]
-    return request.url.path
+    return wire.signed_path(request.scope, request.url.path)
 
 
 def _reply(result: BarrierResult) -> Response:

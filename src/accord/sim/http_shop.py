@@ -222,7 +222,9 @@ async def _discard(message: Message) -> None:
 
 def _resigned(scope: Scope, body: bytes, secret: bytes) -> Scope:
     # Sign the path exactly as the participant will read it back.
-    fresh = wire.sign(secret, KEY_ID, "POST", Request(scope).url.path, body)
+    fresh = wire.sign(
+        secret, KEY_ID, "POST", wire.signed_path(scope, Request(scope).url.path), body
+    )
     drop = {k.encode() for k in fresh}
     headers = [(k, v) for k, v in scope["headers"] if k.lower() not in drop]
     headers += [(k.encode(), v.encode()) for k, v in fresh.items()]
