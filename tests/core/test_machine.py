@@ -544,16 +544,20 @@ def test_recover_with_the_budget_spent_makes_one_more_attempt_then_parks() -> No
     assert actions[-1] == Finish(TxnStatus.NEEDS_ATTENTION)
 
 
-def test_recover_saga_reuses_the_attempt_count_of_the_last_branch() -> None:
-    """Saga recovery continues the last branch's compensation count (sent at once)."""
+def test_recover_saga_continues_each_branch_retry_schedule() -> None:
+    """Saga recovery waits out the persisted backoff and continues each branch's count."""
     snap = snapshot(
         make_spec("saga", 2),
         TxnStatus.ABORTING,
         Decision.ABORT,
-        {(1, Op.COMPENSATE): (2, T0 + 10_000)},
+        {(1, Op.COMPENSATE): (2, T0 + 10_000), (0, Op.COMPENSATE): (4, T0 - 1)},
     )
-    _, actions = machine.recover(snap, T0)
+    state, actions = machine.recover(snap, T0)
+    assert actions == [ScheduleRetry(1, Op.COMPENSATE, 3, T0 + 10_000)]
+    state, actions = machine.step(state, RetryDue(1, Op.COMPENSATE, 3, T0 + 10_000))
     assert actions == [Send(1, Op.COMPENSATE, 3)]
+    state, actions = machine.step(state, reply(1, Op.COMPENSATE, attempt=3, now=T0 + 10_001))
+    assert actions == [Send(0, Op.COMPENSATE, 5)]
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,8 @@ Rules enforced here, which docs/protocol.md explains:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple
 
@@ -86,6 +87,10 @@ class TxnState:
     reason: str = ""
     # Branches of the current phase that have not settled yet.
     outstanding: int = 0
+    # The retry schedule read back by recovery: (branch, op) -> (attempts made,
+    # next attempt due at ms). Empty for a transaction started here.
+    # Read only: shared by every copy of the state.
+    prior: Mapping[tuple[int, Op], tuple[int, int]] = field(default_factory=dict)
 
     @property
     def txid(self) -> str:
@@ -101,6 +106,7 @@ class TxnState:
             self.decision,
             self.reason,
             self.outstanding,
+            self.prior,
         )
 
 
@@ -230,16 +236,17 @@ def recover(snap: TxnSnapshot, now_ms: int) -> Step:
         deadline_at_ms=snap.deadline_at_ms,
         decision=snap.decision,
         reason=snap.reason,
+        prior=dict(snap.attempts),
     )
     if snap.status is TxnStatus.COMMITTING:
         op = spec.commit_op
         if op is None:  # a committed saga has nothing left to do
             return _end(state, TxnStatus.COMMITTED, snap.reason, now_ms, [])
-        return _enter_phase2(state, op, list(range(n)), snap.attempts, now_ms, [])
+        return _enter_phase2(state, op, list(range(n)), now_ms, [])
     if snap.status is TxnStatus.PREPARING:
-        return _abort(state, "recovered with no decision (presumed abort)", now_ms, snap.attempts)
+        return _abort(state, "recovered with no decision (presumed abort)", now_ms)
     if snap.status is TxnStatus.ABORTING:
-        return _abort(state, snap.reason, now_ms, snap.attempts, already_decided=True)
+        return _abort(state, snap.reason, now_ms, already_decided=True)
     return state, []
 
 
@@ -347,7 +354,7 @@ def _settled(state: TxnState, now_ms: int) -> Step:
     if state.spec.protocol is Protocol.SAGA and state.status is TxnStatus.ABORTING:
         nxt = _next_to_compensate(state)
         if nxt is not None:
-            return _send_phase2(state, nxt, Op.COMPENSATE, 0, [])
+            return _begin_phase2_op(state, nxt, Op.COMPENSATE, now_ms, [])
     if state.outstanding > 0:
         return state, []
     stuck = [b.error for b in state.branches if b.status is BranchStatus.STUCK]
@@ -390,14 +397,13 @@ def _commit(state: TxnState, now_ms: int) -> Step:
         return _end(state, TxnStatus.COMMITTED, reason, now_ms, [])
     state.status = TxnStatus.COMMITTING
     decided = Persist(Decided(state.txid, Decision.COMMIT, reason, now_ms), True)
-    return _enter_phase2(state, op, list(range(len(state.branches))), {}, now_ms, [decided])
+    return _enter_phase2(state, op, list(range(len(state.branches))), now_ms, [decided])
 
 
 def _abort(
     state: TxnState,
     reason: str,
     now_ms: int,
-    attempts: dict[tuple[int, Op], tuple[int, int]] | None = None,
     *,
     already_decided: bool = False,
 ) -> Step:
@@ -428,17 +434,14 @@ def _abort(
         if not touched:
             return _end(state, TxnStatus.ABORTED, reason, now_ms, actions)
         state.outstanding = len(touched)
-        last = touched[-1]
-        made = attempts.get((last, op), (0, 0))[0] if attempts else 0
-        return _send_phase2(state, last, op, made, actions)
-    return _enter_phase2(state, op, touched, attempts or {}, now_ms, actions)
+        return _begin_phase2_op(state, touched[-1], op, now_ms, actions)
+    return _enter_phase2(state, op, touched, now_ms, actions)
 
 
 def _enter_phase2(
     state: TxnState,
     op: Op,
     indices: list[int],
-    attempts: dict[tuple[int, Op], tuple[int, int]],
     now_ms: int,
     actions: list[Action],
 ) -> Step:
@@ -448,14 +451,19 @@ def _enter_phase2(
         final = TxnStatus.COMMITTED if state.decision is Decision.COMMIT else TxnStatus.ABORTED
         return _end(state, final, state.reason, now_ms, actions)
     for i in indices:
-        made, due_ms = attempts.get((i, op), (0, 0)) if attempts else (0, 0)
-        if due_ms > now_ms:
-            # The durable retry schedule survives a crash: wait out the backoff.
-            state.branches[i] = BranchState(BranchStatus.WAITING, op, made)
-            actions.append(ScheduleRetry(i, op, made + 1, due_ms))
-        else:
-            _send_phase2(state, i, op, made, actions)
+        _begin_phase2_op(state, i, op, now_ms, actions)
     return state, actions
+
+
+def _begin_phase2_op(state: TxnState, i: int, op: Op, now_ms: int, actions: list[Action]) -> Step:
+    """Start ``op`` on branch ``i``, continuing a retry schedule read back by recovery."""
+    made, due_ms = state.prior.get((i, op), (0, 0))
+    if due_ms > now_ms:
+        # The durable retry schedule survives a crash: wait out the backoff.
+        state.branches[i] = BranchState(BranchStatus.WAITING, op, made)
+        actions.append(ScheduleRetry(i, op, made + 1, due_ms))
+        return state, actions
+    return _send_phase2(state, i, op, made, actions)
 
 
 def _send_phase2(state: TxnState, i: int, op: Op, made: int, actions: list[Action]) -> Step:
