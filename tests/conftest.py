@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, Phase, settings
 
 EXAMPLES = int(os.environ.get("ACCORD_HYPOTHESIS_EXAMPLES", "200"))
@@ -34,3 +35,20 @@ settings.register_profile(
     phases=[Phase.explicit, Phase.reuse, Phase.generate],
 )
 settings.load_profile(os.environ.get("ACCORD_HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Drop (not skip) a test's combinations with a backend that lacks a
+    capability the test is marked with (see BACKENDS_WITHOUT in a test module)."""
+    keep, drop = [], []
+    for item in items:
+        lacking = getattr(getattr(item, "module", None), "BACKENDS_WITHOUT", {})
+        callspec = getattr(item, "callspec", None)
+        backend = callspec.params.get("backend") if callspec is not None else None
+        if any(item.get_closest_marker(m) and backend in names for m, names in lacking.items()):
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
