@@ -25,6 +25,19 @@ class TxnRow:
     created_at_ms: int
     updated_at_ms: int
 
+    @classmethod
+    def of(cls, s: TxnSnapshot) -> TxnRow:
+        return cls(
+            id=s.txid,
+            protocol=s.spec.protocol.value,
+            status=s.status,
+            decision=s.decision.value if s.decision else None,
+            reason=s.reason,
+            branches=len(s.spec.branches),
+            created_at_ms=s.created_at_ms,
+            updated_at_ms=s.updated_at_ms,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class StoreStats:

@@ -115,7 +115,7 @@ class MemoryStore(Store):
         )
         if after_id is not None:
             rows = [s for s in rows if s.txid > after_id]
-        return [_row(s) for s in rows[:limit]]
+        return [TxnRow.of(s) for s in rows[:limit]]
 
     async def count_by_status(self) -> dict[TxnStatus, int]:
         counts: dict[TxnStatus, int] = {}
@@ -128,16 +128,3 @@ class MemoryStore(Store):
 
     def stats(self) -> StoreStats:
         return StoreStats(records=self._records, batches=self._batches, commit_seconds=0.0)
-
-
-def _row(s: TxnSnapshot) -> TxnRow:
-    return TxnRow(
-        id=s.txid,
-        protocol=s.spec.protocol.value,
-        status=s.status,
-        decision=s.decision.value if s.decision else None,
-        reason=s.reason,
-        branches=len(s.spec.branches),
-        created_at_ms=s.created_at_ms,
-        updated_at_ms=s.updated_at_ms,
-    )

@@ -274,7 +274,7 @@ class SQLiteStore(Store):
             sql = "SELECT txid, kind, at_ms, body FROM log WHERE txid > ? ORDER BY txid, seq"
             for snap in self._scan(sql, (after_id or "",)):
                 if status is None or snap.status is status:
-                    out.append(_txn_row(snap))
+                    out.append(TxnRow.of(snap))
                     if len(out) >= limit:
                         break
             return out
@@ -496,19 +496,6 @@ def _fold(txid: str, records: list[LogRecord]) -> TxnSnapshot:
         return fold(records)
     except StoreError as exc:
         raise StoreError(f"log of {txid!r} does not hold together: {exc}", txid=txid) from exc
-
-
-def _txn_row(s: TxnSnapshot) -> TxnRow:
-    return TxnRow(
-        id=s.txid,
-        protocol=s.spec.protocol.value,
-        status=s.status,
-        decision=s.decision.value if s.decision else None,
-        reason=s.reason,
-        branches=len(s.spec.branches),
-        created_at_ms=s.created_at_ms,
-        updated_at_ms=s.updated_at_ms,
-    )
 
 
 __all__ = ["SQLiteStore", "check_transition"]
