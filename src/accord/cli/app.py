@@ -24,6 +24,7 @@ from accord.log import MemoryStore, Store, open_store
 from accord.sim.demo import DemoConfig, recover_run, run_demo, verify_run
 from accord.sim.http_demo import load_secret, new_secret
 from accord.sim.http_shop import Faults, build_app, create_databases
+from accord.sim.http_shop_pg import PgShop
 from accord.sim.workload import ShopConfig, Workload
 
 app = typer.Typer(
@@ -142,7 +143,11 @@ def demo(
         bool, typer.Option("--http", help="Reach the shop over HTTP (starts `accord services`).")
     ] = False,
     services_url: Annotated[
-        str, typer.Option(help="With --http: use the services running at this URL.")
+        str,
+        typer.Option(
+            help="Use the HTTP services running at this URL (their faults are set where"
+            " they run: `accord services --fault-rate`, or POST /admin/faults)."
+        ),
     ] = "",
     secret_file: Annotated[
         str, typer.Option(help="With --services-url: file holding their hex shared secret.")
@@ -189,7 +194,9 @@ def demo(
 
 @app.command("services")
 def services_command(
-    data: Annotated[Path, typer.Option(help="Directory of the services' databases.")],
+    data: Annotated[
+        Path | None, typer.Option(help="Directory of the services' databases (SQLite).")
+    ] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8700,
     orders: Annotated[int, typer.Option(help="Size the shop for this many orders.")] = 2000,
@@ -199,20 +206,42 @@ def services_command(
     secret_file: Annotated[
         Path | None, typer.Option(help="Hex shared secret (created, mode 0600, if missing).")
     ] = None,
+    pg: Annotated[
+        str,
+        typer.Option(
+            help="Keep the state in PostgreSQL (postgresql://...), one schema per service."
+        ),
+    ] = "",
+    pg_schema_prefix: Annotated[
+        str, typer.Option(help="With --pg: the schemas are PREFIX_order, PREFIX_inventory, ...")
+    ] = "accord_shop",
 ) -> None:
     """Run the shop's four services over HTTP: /order, /inventory, /payment, /shipping."""
     if not 0 < port < 65536:
         _fail(f"--port must be between 1 and 65535, got {port}")
+    if data is None and not pg:
+        _fail("give --data DIR (SQLite) or --pg URL (PostgreSQL)")
+    if data is None and secret_file is None:
+        _fail("with --pg and no --data, give --secret-file")
     try:
         faults = Faults(fault_rate=fault_rate, latency_ms=latency_ms, seed=seed)
         faults.validate()
-        secret_path = secret_file or data / "secret"
+        secret_path = secret_file or Path(data or ".") / "secret"
         secret = load_secret(secret_path) if secret_path.exists() else new_secret(secret_path)
-        if not (data / "order.db").exists():
-            data.mkdir(parents=True, exist_ok=True)
-            initial = Workload(ShopConfig(orders=orders, seed=seed)).initial_state()
-            create_databases(data, initial)
-        app_, _ = build_app(data, secret, faults)
+        if pg:
+            shop = PgShop(
+                pg,
+                lambda: Workload(ShopConfig(orders=orders, seed=seed)).initial_state(),
+                prefix=pg_schema_prefix,
+            )
+            app_, _ = build_app(None, secret, faults, pg=shop)
+        else:
+            assert data is not None
+            if not (data / "order.db").exists():
+                data.mkdir(parents=True, exist_ok=True)
+                initial = Workload(ShopConfig(orders=orders, seed=seed)).initial_state()
+                create_databases(data, initial)
+            app_, _ = build_app(data, secret, faults)
     except (OSError, ValueError) as exc:
         _fail(str(exc))
     err.print(f"shop services on http://{host}:{port} (secret in {secret_path})")

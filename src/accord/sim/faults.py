@@ -28,8 +28,8 @@ from accord.sim.services import Service
 from accord.transport.base import Call, Reply
 
 FAULT_KINDS = ("transient", "timeout_before", "timeout_after", "duplicate", "down")
-_MIX = (0.32, 0.17, 0.22, 0.25, 0.04)
-_SIGMA = math.log(5) / 2.326  # p99 = 5 x median
+FAULT_MIX = (0.32, 0.17, 0.22, 0.25, 0.04)
+LATENCY_SIGMA = math.log(5) / 2.326  # log-normal with p99 = 5 x median
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +71,7 @@ class FaultyService:
             return Reply(Outcome.TRANSIENT, error=f"{self.service.name}: connection refused")
         fault = None
         if self._random() < cfg.fault_rate:
-            fault = self._rng.choices(FAULT_KINDS, _MIX)[0]
+            fault = self._rng.choices(FAULT_KINDS, FAULT_MIX)[0]
             self.counts[fault] += 1
         latency_s = self._latency_s()
         if fault is None and latency_s > call.timeout_s:
@@ -100,7 +100,7 @@ class FaultyService:
         median = self.config.latency_ms
         if median <= 0:
             return 0.0
-        return median * math.exp(_SIGMA * self._rng.gauss(0.0, 1.0)) / 1000
+        return median * math.exp(LATENCY_SIGMA * self._rng.gauss(0.0, 1.0)) / 1000
 
     def _later(self, delay_s: float, reply: Reply) -> Completion[Reply]:
         assert self._loop is not None

@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -39,13 +39,14 @@ from accord import wire
 from accord.core.spec import Op
 from accord.participant import Participant, Refusal, SQLiteBarrier
 from accord.sim import services as sim
-from accord.sim.faults import FAULT_KINDS
+from accord.sim.faults import FAULT_KINDS, FAULT_MIX, LATENCY_SIGMA
 from accord.sim.services import RULES, Counters, ServiceStore
 from accord.sim.workload import SERVICES
 
+if TYPE_CHECKING:
+    from accord.sim.http_shop_pg import PgShop
+
 KEY_ID = "shop"
-_MIX = (0.32, 0.17, 0.22, 0.25, 0.04)
-_SIGMA = math.log(5) / 2.326
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -167,10 +168,10 @@ class FaultMiddleware:
             return
         fault = None
         if f.rng.random() < f.fault_rate:
-            fault = f.rng.choices(FAULT_KINDS, _MIX)[0]
+            fault = f.rng.choices(FAULT_KINDS, FAULT_MIX)[0]
             f.counts[fault] += 1
         if f.latency_ms > 0:
-            await asyncio.sleep(f.latency_ms * math.exp(_SIGMA * f.rng.gauss(0, 1)) / 1000)
+            await asyncio.sleep(f.latency_ms * math.exp(LATENCY_SIGMA * f.rng.gauss(0, 1)) / 1000)
         if fault == "down":
             self.down_until = loop.time() + 0.02 + 0.18 * f.rng.random()
             await _plain(send, 503, f"{self.name} is down")
@@ -247,15 +248,24 @@ async def _plain(send: Send, status: int, message: str) -> None:
 
 
 def build_app(
-    directory: Path, secret: bytes, faults: Faults
+    directory: Path | None, secret: bytes, faults: Faults, *, pg: PgShop | None = None
 ) -> tuple[Starlette, list[SQLiteBarrier]]:
-    """The four services under /order, /inventory, /payment, /shipping, plus admin."""
+    """The four services under /order, /inventory, /payment, /shipping, plus admin.
+
+    With ``pg`` their state is in PostgreSQL (``directory`` is unused) and the
+    returned list of SQLite barriers is empty.
+    """
     faults.validate()
     faults.rng = random.Random(faults.seed)
     verifier = wire.Verifier({KEY_ID: secret})
     routes: list[Any] = []
     barriers = []
     for name in SERVICES:
+        if pg is not None:
+            service = pg.participant(name, verifier)
+            routes.append(Mount(f"/{name}", FaultMiddleware(service, name, faults, secret)))
+            continue
+        assert directory is not None, "give the services' directory or pg"
         # NORMAL: a commit survives the crash of the process (the scenario's
         # crashes), not of the machine; inline: see SQLiteBarrier.
         barrier = SQLiteBarrier(directory / f"{name}.db", synchronous="NORMAL", max_workers=0)
@@ -299,6 +309,9 @@ def build_app(
     async def state(request: Request) -> Response:
         if not authorized(request):
             return JSONResponse({"error": "unauthorized"}, status_code=401)
+        if pg is not None:
+            return JSONResponse(await pg.read_state())
+        assert directory is not None
         return JSONResponse(await asyncio.to_thread(read_state, directory))
 
     routes += [
@@ -310,6 +323,8 @@ def build_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if pg is not None:
+            await pg.open()  # the pool; missing schemas created, barriers migrated
         for barrier in barriers:
             await barrier.migrate()
         try:
@@ -317,6 +332,8 @@ def build_app(
         finally:
             for barrier in barriers:
                 await barrier.close()
+            if pg is not None:
+                await pg.close()
 
     return Starlette(routes=routes, lifespan=lifespan), barriers
 
