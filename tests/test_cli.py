@@ -57,7 +57,7 @@ BAD_DEMO = [
     (["--latency-ms", "-1"], r"latency[-_]ms"),
     (["--latency-ms", "nan"], r"latency[-_]ms"),
     (["--store", "bogus://x"], r"store.*bogus://x"),
-    (["--store", "postgresql://x"], r"PostgreSQL.*not available"),
+    (["--store", "postgresql://x?schema=no-dash"], r"schema.*no-dash"),
     (["--synchronous", "bogus"], r"synchronous.*BOGUS"),
 ]
 

@@ -1,5 +1,10 @@
-"""One contract for every durable log: MemoryStore, SQLiteStore (and PostgreSQL,
-by adding a ``Backend`` to ``BACKENDS`` below).
+"""One contract for every durable log: MemoryStore, SQLiteStore and PostgresStore
+(another backend is one more ``Backend`` in ``BACKENDS`` below).
+
+PostgreSQL runs at ``ACCORD_TEST_PG_DSN`` (default
+``postgresql://postgres@127.0.0.1/test``), each test in a fresh schema dropped
+afterwards; if the server is unreachable its tests are skipped, or fail when
+``CI`` is set.
 
 Tests that need a store to survive a close (reopen, schema version, corruption)
 skip for backends that cannot.
@@ -8,12 +13,16 @@ skip for backends that cannot.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 import pytest
 
 from accord.core import machine
@@ -31,7 +40,14 @@ from accord.core.records import (
 )
 from accord.core.spec import BranchSpec, Op, Protocol, RetryPolicy, TransactionSpec
 from accord.errors import SchemaVersionError, StoreError
-from accord.log import SCHEMA_VERSION, MemoryStore, SQLiteStore, Store, open_store
+from accord.log import (
+    SCHEMA_VERSION,
+    MemoryStore,
+    PostgresStore,
+    SQLiteStore,
+    Store,
+    open_store,
+)
 
 T0 = 1_700_000_000_000
 
@@ -47,6 +63,7 @@ class Backend:
     group_commit: bool = False  # sync() resolves on a later loop turn, for a whole batch
     corrupt: Callable[[str, str, bytes], None] | None = None  # (txid, kind, body)
     set_schema_version: Callable[[int], None] | None = None
+    cleanup: Callable[[], Awaitable[None]] | None = None  # after the test
 
 
 def _memory(_: Path) -> Backend:
@@ -78,15 +95,85 @@ def _sqlite(tmp: Path) -> Backend:
     )
 
 
-BACKENDS: dict[str, Callable[[Path], Backend]] = {"memory": _memory, "sqlite": _sqlite}
+PG_DSN = os.environ.get("ACCORD_TEST_PG_DSN", "postgresql://postgres@127.0.0.1/test")
+
+
+def _pg_run(sql: str, *args: Any) -> str:
+    """Run one statement on a connection of its own, from a thread of its own
+    (the test's event loop may be running)."""
+
+    async def run() -> str:
+        conn = await asyncpg.connect(PG_DSN, timeout=5)
+        try:
+            return str(await conn.execute(sql, *args))
+        finally:
+            await conn.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, run()).result()
+
+
+def _pg_reachable() -> None:
+    try:
+        _pg_run("SELECT 1")
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+        message = f"PostgreSQL unreachable at {PG_DSN}: {exc!r}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def _postgres(_: Path) -> Backend:
+    _pg_reachable()
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    made: list[PostgresStore] = []
+
+    def make() -> Store:
+        s = PostgresStore(PG_DSN, schema=schema, pool_size=2)
+        made.append(s)
+        return s
+
+    def corrupt(txid: str, kind: str, body: bytes) -> None:
+        done = _pg_run(
+            f"UPDATE {schema}.log SET body = $1 WHERE txid = $2 AND kind = $3", body, txid, kind
+        )
+        assert done == "UPDATE 1"
+
+    def set_version(version: int) -> None:
+        _pg_run(f"UPDATE {schema}.meta SET value = $1 WHERE key = 'schema_version'", str(version))
+
+    async def cleanup() -> None:
+        for s in made:
+            await s.close()
+        _pg_run(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+    return Backend(
+        "postgres",
+        make,
+        durable=True,
+        group_commit=True,
+        corrupt=corrupt,
+        set_schema_version=set_version,
+        cleanup=cleanup,
+    )
+
+
+BACKENDS: dict[str, Callable[[Path], Backend]] = {
+    "memory": _memory,
+    "sqlite": _sqlite,
+    "postgres": _postgres,
+}
 # Backends that lack a capability: tests marked with it are not generated for
 # them (tests/conftest.py deselects those combinations instead of skipping).
 BACKENDS_WITHOUT = {"durable": {"memory"}, "group_commit": {"memory"}}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    return BACKENDS[request.param](tmp_path)
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    b = BACKENDS[request.param](tmp_path)
+    yield b
+    if b.cleanup is not None:
+        await b.cleanup()
 
 
 @pytest.fixture
@@ -669,14 +756,133 @@ async def test_sqlite_write_failure_reaches_every_waiter(tmp_path: Path) -> None
 
 
 def test_open_store_parses_urls(tmp_path: Path) -> None:
-    """open_store: memory, sqlite:// URLs and bare paths; PostgreSQL and unknown schemes refused."""
+    """open_store: memory, sqlite:// and postgresql:// URLs, bare paths; unknown schemes refused."""
     assert isinstance(open_store("memory"), MemoryStore)
     s = open_store(f"sqlite://{tmp_path}/a.db", synchronous="normal")
     assert isinstance(s, SQLiteStore) and s.path == tmp_path / "a.db"
     assert s.synchronous == "NORMAL"
     bare = open_store(str(tmp_path / "b.db"))
     assert isinstance(bare, SQLiteStore) and bare.path == tmp_path / "b.db"
-    with pytest.raises(ValueError, match="PostgreSQL"):
-        open_store("postgresql://localhost/accord")
+    pg = open_store("postgresql://u@db:5433/accord?schema=log_a&sslmode=disable")
+    assert isinstance(pg, PostgresStore) and pg.schema == "log_a"
+    assert pg.dsn == "postgresql://u@db:5433/accord?sslmode=disable"
+    short = open_store("postgres://localhost/accord")
+    assert isinstance(short, PostgresStore) and short.schema == "accord"
+    with pytest.raises(ValueError, match="identifier"):
+        open_store("postgresql://localhost/accord?schema=x;drop")
     with pytest.raises(ValueError, match="scheme"):
         open_store("redis://localhost")
+
+
+@pytest.fixture
+async def pg_store(tmp_path: Path) -> AsyncIterator[PostgresStore]:
+    backend = _postgres(tmp_path)
+    store = backend.make()
+    assert isinstance(store, PostgresStore)
+    await store.open()
+    yield store
+    assert backend.cleanup is not None
+    await backend.cleanup()
+
+
+async def test_postgres_appends_during_a_flush_go_to_the_next_batch(
+    pg_store: PostgresStore,
+) -> None:
+    """While a batch is being written, appends accumulate for the next one; both commit."""
+    pg_store.append(begin("a"))
+    first = pg_store.sync()
+    await asyncio.sleep(0)  # the flush of "a" is now in flight
+    assert pg_store.sync() is first  # nothing new: the in-flight batch covers everything
+    pg_store.append(begin("b"))
+    second = pg_store.sync()
+    assert first is not None and second is not None and second is not first
+    assert await first == frozenset()
+    assert await second == frozenset()
+    assert pg_store.stats().batches == 2
+    assert await active_ids(pg_store) == ["a", "b"]
+
+
+async def test_postgres_flush_survives_dropped_connections(pg_store: PostgresStore) -> None:
+    """A batch whose connection was killed is retried on a new one and commits."""
+    await write(pg_store, begin("a"))
+    killed = _pg_run(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+        f"accord-log:{pg_store.schema}",
+    )
+    assert killed != "SELECT 0", killed
+    assert await write(pg_store, decided("a", Decision.COMMIT), begin("b")) == frozenset()
+    assert await active_ids(pg_store) == ["a", "b"]
+
+
+async def test_postgres_write_failure_reaches_every_waiter(pg_store: PostgresStore) -> None:
+    """A batch that cannot be written fails its sync and every later append with StoreError."""
+    _pg_run(f"DROP TABLE {pg_store.schema}.log")
+    pg_store.append(begin("a"))
+    pending = pg_store.sync()
+    assert pending is not None
+    with pytest.raises(StoreError):
+        await pending
+    with pytest.raises(StoreError, match="failed"):
+        pg_store.append(begin("b"))
+    with pytest.raises(StoreError, match="failed"):
+        pg_store.sync()
+
+
+class _CommitThenDrop:
+    """A connection whose first transaction commits, then reports a lost connection."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.first = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+    def transaction(self) -> Any:
+        tx = self.conn.transaction()
+        if not self.first:
+            return tx
+        self.first = False
+
+        class Dropping:
+            async def __aenter__(self) -> Any:
+                return await tx.__aenter__()
+
+            async def __aexit__(self, *exc: Any) -> None:
+                await tx.__aexit__(*exc)  # COMMIT goes through...
+                raise ConnectionResetError("...but its acknowledgement is lost")
+
+        return Dropping()
+
+
+async def test_postgres_commit_in_doubt_is_not_written_twice(
+    pg_store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch whose COMMIT succeeded unacknowledged is found committed, not rewritten."""
+    real = pg_store._pool
+    calls = 0
+
+    class Pool:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def acquire(self) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls > 1:
+                return real.acquire()
+
+            async def first() -> Any:
+                return _CommitThenDrop(await real.acquire())
+
+            return first()
+
+        async def release(self, conn: Any) -> None:
+            await real.release(conn.conn if isinstance(conn, _CommitThenDrop) else conn)
+
+    monkeypatch.setattr(pg_store, "_pool", Pool())
+    assert await write(pg_store, begin("a"), decided("a", Decision.ABORT)) == frozenset()
+    monkeypatch.undo()
+    snap = await pg_store.get("a")
+    assert snap is not None and [type(r) for r in snap.history] == [Begin, Decided]
+    assert calls == 2 and pg_store.stats().batches == 1  # the write, the status check

@@ -128,7 +128,9 @@ def demo(
     data: Annotated[
         Path | None, typer.Option(help="Directory for the log and the services' databases.")
     ] = None,
-    store: Annotated[str, typer.Option(help="Where the log lives: sqlite:///PATH or memory.")] = "",
+    store: Annotated[
+        str, typer.Option(help="Log URL: sqlite:///PATH, postgresql://... or memory.")
+    ] = "",
     synchronous: Annotated[
         str, typer.Option(help="SQLite log durability: FULL (default) or NORMAL.")
     ] = "FULL",
@@ -296,7 +298,7 @@ def _open_log(data: Path | None, store: str) -> Store:
 @txn_app.command("list")
 def txn_list(
     data: Annotated[Path | None, typer.Option(help="Directory of a demo run.")] = None,
-    store: Annotated[str, typer.Option(help="Log URL (sqlite:///PATH).")] = "",
+    store: Annotated[str, typer.Option(help="Log URL (sqlite:///PATH, postgresql://...).")] = "",
     state: Annotated[str, typer.Option(help="Only this status.")] = "",
     limit: Annotated[int, typer.Option(help="At most this many.")] = 50,
     after: Annotated[str, typer.Option(help="Start after this id (paging).")] = "",
@@ -352,7 +354,7 @@ def txn_list(
 def txn_show(
     txid: Annotated[str, typer.Argument(help="Transaction id.")],
     data: Annotated[Path | None, typer.Option(help="Directory of a demo run.")] = None,
-    store: Annotated[str, typer.Option(help="Log URL (sqlite:///PATH).")] = "",
+    store: Annotated[str, typer.Option(help="Log URL (sqlite:///PATH, postgresql://...).")] = "",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Show one transaction: status, decision, branches, history."""

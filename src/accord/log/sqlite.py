@@ -35,30 +35,18 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
 from accord._completion import Completion
-from accord.core.records import (
-    Attempted,
-    Begin,
-    BranchSummary,
-    Decided,
-    Decision,
-    Ended,
-    LogRecord,
-    OperatorAction,
-    TxnSnapshot,
-    TxnStatus,
-    check_transition,
-    fold,
+from accord.core.records import LogRecord, TxnSnapshot, TxnStatus, check_transition
+from accord.errors import SchemaVersionError, StoreError
+from accord.log._rows import (
+    OpenTransactions,
+    fold_records,
+    open_after,
+    record,
+    with_rejected,
 )
-from accord.core.spec import Op, TransactionSpec
-from accord.errors import InvalidTransaction, SchemaVersionError, StoreError
 from accord.log.base import SCHEMA_VERSION, Store, StoreStats, TxnRow
 from accord.log.groupcommit import LoopCommitter
-
-_encode = msgspec.json.Encoder().encode
-_decode = msgspec.json.Decoder().decode
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -88,12 +76,7 @@ class SQLiteStore(Store):
         self.path = Path(path)
         self.synchronous = synchronous
         self.violations = []
-        # txid -> (status, decision) of every transaction not yet terminal.
-        self._open: dict[str, tuple[TxnStatus, Decision | None]] = {}
-        # txid -> decision of the transactions parked in needs_attention by this
-        # process, so that an operator's retry can reopen them without a read.
-        self._parked: dict[str, Decision | None] = {}
-        self._rejected: set[str] = set()
+        self._txns = OpenTransactions(self.violations)
         self._writer: LoopCommitter[tuple[Any, ...]] = LoopCommitter(
             self._connect_writer, self._write_batch, name="accord-log-writer"
         )
@@ -113,7 +96,7 @@ class SQLiteStore(Store):
     async def open(self) -> None:
         await asyncio.to_thread(self._migrate)
         for snap in await self.load_active():
-            self._open[snap.txid] = (snap.status, snap.decision)
+            self._txns.open[snap.txid] = (snap.status, snap.decision)
         self._writer.start(asyncio.get_running_loop())
 
     def _migrate(self) -> None:
@@ -154,69 +137,15 @@ class SQLiteStore(Store):
     # ------------------------------------------------------------ writing
 
     def append(self, record: LogRecord) -> None:
-        txid = record.txid
-        kind = type(record)
-        if kind is Begin:
-            if txid in self._open:
-                self._rejected.add(txid)
-                return
-            self._open[txid] = (TxnStatus.PREPARING, None)
-            self._writer.append(_row(record))
-            return
-        current = self._open.get(txid)
-        if current is None:
-            if kind is OperatorAction:
-                self._append_note(record)  # type: ignore[arg-type]
-                return
-            self.violations.append(f"{txid}: {kind.__name__} for a transaction not open")
-            return
-        _, decision = current
-        if kind is Decided:
-            dec = record.decision  # type: ignore[union-attr]
-            if decision is not None and decision is not dec:
-                self.violations.append(f"{txid}: decision would flip {decision} -> {dec}")
-                return
-            self._open[txid] = (
-                TxnStatus.COMMITTING if dec is Decision.COMMIT else TxnStatus.ABORTING,
-                dec,
-            )
-        elif kind is Ended:
-            implied = _IMPLIED.get(record.status)  # type: ignore[union-attr]
-            if implied is not None and decision not in (None, implied):
-                self.violations.append(
-                    f"{txid}: {record.status} contradicts decision {decision}"  # type: ignore[union-attr]
-                )
-                return
-            del self._open[txid]
-            if record.status is TxnStatus.NEEDS_ATTENTION:  # type: ignore[union-attr]
-                self._parked[txid] = decision
-        self._writer.append(_row(record))
+        row = self._txns.admit(record, self._lookup)
+        if row is not None:
+            self._writer.append(row)
 
-    def _append_note(self, record: OperatorAction) -> None:
-        """An operator's record for a transaction that is not open: a retry of
-        one in needs_attention reopens it; on any other logged transaction it
-        is only a note. Only such a reopening retry may put the transaction
-        back in ``txn_open`` (a note on a finished one must not)."""
-        txid = record.txid
-        if txid in self._parked:
-            parked, decision = True, self._parked[txid]
-        else:
-            # Parked by an earlier run (its records are on disk) or finished.
-            snaps = self._read(
-                "SELECT txid, kind, at_ms, body FROM log WHERE txid = ? ORDER BY seq", (txid,)
-            )
-            if not snaps:
-                self.violations.append(f"{txid}: OperatorAction for an unknown transaction")
-                return
-            parked = snaps[0].status is TxnStatus.NEEDS_ATTENTION
-            decision = snaps[0].decision
-        if parked and record.action == "retry":
-            self._parked.pop(txid, None)
-            status = TxnStatus.COMMITTING if decision is Decision.COMMIT else TxnStatus.ABORTING
-            self._open[txid] = (status, decision)
-            self._writer.append(_Reopen(_row(record)))
-            return
-        self._writer.append(_row(record))
+    def _lookup(self, txid: str) -> TxnSnapshot | None:
+        snaps = self._read(
+            "SELECT txid, kind, at_ms, body FROM log WHERE txid = ? ORDER BY seq", (txid,)
+        )
+        return snaps[0] if snaps else None
 
     def _write_batch(
         self, conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]
@@ -226,20 +155,11 @@ class SQLiteStore(Store):
         # run or an earlier batch) was let into ``_open`` by append; that entry
         # is the duplicate's, and later records under it must not be accepted.
         for txid in rejected:
-            self._open.pop(txid, None)
+            self._txns.open.pop(txid, None)
         return rejected
 
     def sync(self) -> Completion[frozenset[str]] | None:
-        pending = self._writer.sync()
-        if not self._rejected:
-            return pending
-        rejected = frozenset(self._rejected)
-        self._rejected.clear()
-        if pending is None:
-            return Completion.resolved(rejected)
-        out: Completion[frozenset[str]] = Completion()
-        pending.add_done_callback(lambda f: _merge(out, f, rejected))
-        return out
+        return with_rejected(self._writer.sync(), self._txns.rejected)
 
     def stats(self) -> StoreStats:
         w = self._writer
@@ -301,8 +221,8 @@ class SQLiteStore(Store):
         try:
             groups: dict[str, builtins.list[LogRecord]] = {}
             for txid, kind, at_ms, body in conn.execute(sql, params):
-                groups.setdefault(txid, []).append(_record(txid, kind, at_ms, body))
-            return [_fold(txid, records) for txid, records in groups.items()]
+                groups.setdefault(txid, []).append(record(txid, kind, at_ms, body))
+            return [fold_records(txid, records) for txid, records in groups.items()]
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot read the log: {exc}") from exc
         finally:
@@ -317,35 +237,15 @@ class SQLiteStore(Store):
             for txid, kind, at_ms, body in conn.execute(sql, params):
                 if txid != current:
                     if records:
-                        yield _fold(current or "", records)
+                        yield fold_records(current or "", records)
                     current, records = txid, []
-                records.append(_record(txid, kind, at_ms, body))
+                records.append(record(txid, kind, at_ms, body))
             if records:
-                yield _fold(current or "", records)
+                yield fold_records(current or "", records)
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot read the log: {exc}") from exc
         finally:
             conn.close()
-
-
-_IMPLIED = {TxnStatus.COMMITTED: Decision.COMMIT, TxnStatus.ABORTED: Decision.ABORT}
-
-
-def _merge(
-    out: Completion[frozenset[str]], pending: Completion[Any], rejected: frozenset[str]
-) -> None:
-    failed = pending.exception()
-    if failed is not None:
-        out.set_exception(failed)
-    else:
-        out.set_result(rejected | (pending.result() or frozenset()))
-
-
-class _Reopen(tuple[Any, ...]):
-    """The row of an operator's retry that takes a transaction out of
-    needs_attention: writing it puts the transaction back in ``txn_open``."""
-
-    __slots__ = ()
 
 
 def _write_batch(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> frozenset[str]:
@@ -376,19 +276,11 @@ def _write_batch(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> f
                 continue
             written.append(row)
     conn.execute("RELEASE batch")
-    # Whether a transaction is open after this batch is decided by its last
-    # end or reopening record in it, in append order.
-    still_open: dict[str, bool] = {}
-    for r in written:
-        if r[1] == "end":
-            still_open[r[0]] = False
-        elif type(r) is _Reopen:
-            still_open[r[0]] = True
-    closed = [txid for txid, is_open in still_open.items() if not is_open]
+    closed, reopened_ids = open_after(written)
     for start in range(0, len(closed), _CHUNK):
         chunk = closed[start : start + _CHUNK]
         conn.execute(f"DELETE FROM txn_open WHERE txid IN ({','.join('?' * len(chunk))})", chunk)
-    reopened = [(txid,) for txid, is_open in still_open.items() if is_open]
+    reopened = [(txid,) for txid in reopened_ids]
     if reopened:
         conn.executemany("INSERT OR IGNORE INTO txn_open(txid) VALUES (?)", reopened)
     return frozenset(rejected)
@@ -407,95 +299,6 @@ def _insert_many(
         chunk = rows[start : start + _CHUNK]
         params = [v for row in chunk for v in row]
         conn.execute(f"INSERT INTO {into} VALUES {','.join([one] * len(chunk))}", params)
-
-
-# ---------------------------------------------------------------- record codecs
-
-
-def _row(r: LogRecord) -> tuple[Any, ...]:
-    body: Any
-    if type(r) is Begin:
-        body = {"spec": r.spec.to_dict(), "deadline_at_ms": r.deadline_at_ms}
-        return (r.txid, "begin", r.created_at_ms, _encode(body))
-    if type(r) is Decided:
-        body = {"decision": r.decision.value, "reason": r.reason}
-        return (r.txid, "decided", r.at_ms, _encode(body))
-    if type(r) is Ended:
-        body = {"status": r.status.value, "reason": r.reason, "branches": r.branches}
-        try:
-            blob = _encode(body)
-        except (TypeError, ValueError, OverflowError, RecursionError):
-            # A participant's result (any object an in-process handler returned)
-            # that JSON cannot carry is kept as its repr: failing here would stop
-            # the transaction at its end, and again after every restart.
-            body["branches"] = tuple(b._replace(result=_jsonable(b.result)) for b in r.branches)
-            blob = _encode(body)
-        return (r.txid, "end", r.at_ms, blob)
-    if type(r) is Attempted:
-        body = {
-            "branch": r.branch,
-            "op": r.op.value,
-            "attempt": r.attempt,
-            "error": r.error,
-            "next_at_ms": r.next_at_ms,
-        }
-        return (r.txid, "attempt", r.at_ms, _encode(body))
-    if type(r) is OperatorAction:
-        body = {"action": r.action, "reason": r.reason}
-        return (r.txid, "operator", r.at_ms, _encode(body))
-    raise TypeError(f"not a log record: {r!r}")
-
-
-def _jsonable(value: Any) -> Any:
-    try:
-        _encode(value)
-    except (TypeError, ValueError, OverflowError, RecursionError):
-        return repr(value)
-    return value
-
-
-def _int(body: Any, key: str) -> int:
-    value = body[key]
-    if type(value) is not int:
-        raise TypeError(f"{key} must be an integer, got {value!r}")
-    return value
-
-
-def _record(txid: str, kind: str, at_ms: int, blob: bytes) -> LogRecord:
-    try:
-        body = _decode(blob)
-        if kind == "begin":
-            spec = TransactionSpec.from_dict(body["spec"])
-            if spec.id != txid:
-                raise StoreError(f"Begin of {spec.id!r} filed under {txid!r}", txid=txid)
-            return Begin(spec, at_ms, _int(body, "deadline_at_ms"))
-        if kind == "decided":
-            return Decided(txid, Decision(body["decision"]), body["reason"], at_ms)
-        if kind == "end":
-            branches = tuple(BranchSummary(*b) for b in body["branches"])
-            return Ended(txid, TxnStatus(body["status"]), body["reason"], at_ms, branches)
-        if kind == "attempt":
-            return Attempted(
-                txid,
-                _int(body, "branch"),
-                Op(body["op"]),
-                _int(body, "attempt"),
-                body["error"],
-                at_ms,
-                _int(body, "next_at_ms"),
-            )
-        if kind == "operator":
-            return OperatorAction(txid, body["action"], body["reason"], at_ms)
-    except (InvalidTransaction, msgspec.DecodeError, KeyError, ValueError, TypeError) as exc:
-        raise StoreError(f"unreadable {kind} record of {txid!r}: {exc}", txid=txid) from exc
-    raise StoreError(f"unknown record kind {kind!r}", txid=txid)
-
-
-def _fold(txid: str, records: list[LogRecord]) -> TxnSnapshot:
-    try:
-        return fold(records)
-    except StoreError as exc:
-        raise StoreError(f"log of {txid!r} does not hold together: {exc}", txid=txid) from exc
 
 
 __all__ = ["SQLiteStore", "check_transition"]

@@ -1,0 +1,514 @@
+"""The shared log: PostgreSQL (asyncpg), append-only, group-committed.
+
+Schema (version 1), in its own PostgreSQL schema (``accord`` by default)::
+
+    meta(key PRIMARY KEY, value)                   -- schema_version
+    log(seq BIGSERIAL PRIMARY KEY, txid, kind, at_ms, body BYTEA)
+        index log_txid(txid); unique index on txid where kind = 'begin'
+    txn_open(txid PRIMARY KEY)                     -- transactions not yet terminal
+
+The same log as :mod:`accord.log.sqlite`, with the same checks: every record is
+checked in ``append`` (synchronously, no I/O) against the in-memory table of
+open transactions (:class:`accord.log._rows.OpenTransactions`) and again when
+read back (by folding with the same codecs).
+
+Group commit: ``append`` queues a row and, if nothing is being written,
+schedules a flush for the next loop turn. A flush is one task that writes its
+whole batch in ONE PostgreSQL transaction -- one ``INSERT ... SELECT FROM
+unnest(...)`` for the log rows, one each for ``txn_open`` inserts and deletes
+-- and then resolves the batch's :class:`~accord._completion.Completion` (on
+the loop, callbacks run synchronously). While a flush is in flight new appends
+accumulate for the next one; at most one flush is in flight, so batches commit
+in append order and "B is durable" implies "everything before B is durable".
+
+A ``Begin`` whose id is already in the log (from an earlier run or batch)
+fails the unique index: the batch's savepoint is rolled back, the ids of the
+batch that already have a Begin are read, and the batch is written again
+without the refused Begins (and without the records appended after them, which
+belong to the duplicate). Those ids are reported in the result of the batch's
+completion, as with SQLite.
+
+Failures: connection errors (and serialization failures or deadlocks) during a
+flush are retried with capped exponential backoff (``retries`` attempts, a new
+connection from the pool each time). If the batch still cannot be written --
+or fails with any other error -- its completion (and that of the batch
+accumulating behind it) fails with :class:`StoreError` and the store refuses
+every later ``append`` and ``sync`` with StoreError, like the SQLite writer's
+permanent failure: a coordinator cannot carry on without its log; restart it.
+
+If the connection drops while COMMIT is in flight, PostgreSQL may have
+committed the batch without the client knowing. Each batch therefore notes its
+PostgreSQL transaction id (``txid_current()``, one extra round trip per batch)
+and, before writing again, asks ``txid_status()`` on a new connection: a batch
+that did commit is not written twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import logging
+import re
+import time
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]
+
+from accord._completion import Completion
+from accord.core.records import LogRecord, TxnSnapshot, TxnStatus
+from accord.errors import SchemaVersionError, StoreError
+from accord.log._rows import (
+    Note,
+    OpenTransactions,
+    filter_batch,
+    fold_records,
+    fold_rows,
+    open_after,
+    record,
+    with_rejected,
+)
+from accord.log.base import SCHEMA_VERSION, Store, StoreStats, TxnRow
+
+log = logging.getLogger("accord.log")
+
+_MIGRATIONS: dict[int, list[str]] = {
+    1: [
+        """CREATE TABLE {s}.log (
+            seq BIGSERIAL PRIMARY KEY,
+            txid TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            at_ms BIGINT NOT NULL,
+            body BYTEA NOT NULL
+        )""",
+        "CREATE INDEX log_txid ON {s}.log(txid)",
+        "CREATE UNIQUE INDEX log_one_begin ON {s}.log(txid) WHERE kind = 'begin'",
+        "CREATE TABLE {s}.txn_open (txid TEXT PRIMARY KEY)",
+    ],
+}
+
+_SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+# Errors worth retrying the batch for: the connection (or the server) went
+# away, or the transaction lost a race it can win next time.
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    # What asyncpg raises when the server closed an idle connection under it.
+    asyncpg.InternalClientError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.SerializationError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.AdminShutdownError,
+)
+
+# ... and, while a commit is in doubt, failing to find out how it ended.
+_RETRYABLE: tuple[type[BaseException], ...] = (*_TRANSIENT, StoreError)
+
+_ROWS = "txid, kind, at_ms, body"
+
+
+class PostgresStore(Store):
+    """The log in PostgreSQL; see the module docstring for the design."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str = "accord",
+        pool_size: int = 4,
+        retries: int = 5,
+        max_backoff_s: float = 2.0,
+    ) -> None:
+        if not _SCHEMA_NAME.match(schema):
+            raise ValueError(f"schema must be a plain SQL identifier, got {schema!r}")
+        if pool_size < 1 or retries < 1:
+            raise ValueError("pool_size and retries must be at least 1")
+        self.dsn = dsn
+        self.schema = schema
+        self.pool_size = pool_size
+        self.retries = retries
+        self.max_backoff_s = max_backoff_s
+        self.violations = []
+        self._txns = OpenTransactions(self.violations)
+        self._pool: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._buf: list[tuple[Any, ...]] = []
+        self._done: Completion[Any] | None = None  # of the batch accumulating in _buf
+        self._inflight: Completion[Any] | None = None  # of the batch being written
+        self._task: asyncio.Task[None] | None = None
+        self._scheduled = False
+        self._failed: BaseException | None = None
+        self._closed = True
+        self._batches = 0
+        self._records = 0
+        self._commit_seconds = 0.0
+        s = schema
+        self._insert_log = (
+            f"INSERT INTO {s}.log({_ROWS})"
+            " SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[])"
+        )
+        self._insert_open = f"INSERT INTO {s}.txn_open(txid) SELECT unnest($1::text[])"
+        self._reopen = (
+            f"INSERT INTO {s}.txn_open(txid) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING"
+        )
+        self._close_open = f"DELETE FROM {s}.txn_open WHERE txid = ANY($1::text[])"
+        self._logged = f"SELECT txid FROM {s}.log WHERE kind = 'begin' AND txid = ANY($1::text[])"
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def open(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn,
+                min_size=1,
+                max_size=self.pool_size,
+                timeout=10,
+                # Shows whose connections these are in pg_stat_activity.
+                server_settings={"application_name": f"accord-log:{self.schema}"},
+            )
+        except (*_TRANSIENT, asyncpg.PostgresError) as exc:
+            raise StoreError(f"cannot connect to the log at {self.schema}: {exc}") from exc
+        try:
+            await self._migrate()
+        except BaseException:
+            await self._pool.close()
+            self._pool = None
+            raise
+        # If the log cannot be read back (StoreError naming the transaction),
+        # the store stays open for reads (to inspect it) but refuses appends.
+        for snap in await self.load_active():
+            self._txns.open[snap.txid] = (snap.status, snap.decision)
+        await self._load_parked()
+        self._loop = asyncio.get_running_loop()
+        self._closed = False
+
+    async def _migrate(self) -> None:
+        s = self.schema
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                # Serialise concurrent first opens of the same schema.
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"accord:{s}")
+                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {s}")
+                await conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {s}.meta (key TEXT PRIMARY KEY, value TEXT)"
+                )
+                found = await conn.fetchval(
+                    f"SELECT value FROM {s}.meta WHERE key = 'schema_version'"
+                )
+                version = int(found) if found is not None else 0
+                if version > SCHEMA_VERSION:
+                    raise SchemaVersionError(
+                        f"schema {s}: log schema version {version} is newer than this build "
+                        f"understands ({SCHEMA_VERSION}); upgrade accord"
+                    )
+                for v in range(version + 1, SCHEMA_VERSION + 1):
+                    for statement in _MIGRATIONS[v]:
+                        await conn.execute(statement.format(s=s))
+                await conn.execute(
+                    f"INSERT INTO {s}.meta(key, value) VALUES ('schema_version', $1)"
+                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    str(SCHEMA_VERSION),
+                )
+        except (*_TRANSIENT, asyncpg.PostgresError) as exc:
+            raise StoreError(f"schema {s}: cannot open the log: {exc}") from exc
+
+    async def _load_parked(self) -> None:
+        """Remember the transactions parked in needs_attention by earlier runs,
+        so that ``append`` can reopen them on an operator's retry without a read.
+        (Scans the end records of finished transactions once, in the server.)"""
+        s = self.schema
+        sql = (
+            f"SELECT {_ROWS} FROM {s}.log WHERE txid IN ("
+            f" SELECT e.txid FROM {s}.log e WHERE e.kind = 'end'"
+            "  AND position('\"needs_attention\"'::bytea IN e.body) > 0"
+            f"  AND NOT EXISTS (SELECT 1 FROM {s}.txn_open o WHERE o.txid = e.txid))"
+            " ORDER BY seq"
+        )
+        groups: dict[str, builtins.list[Any]] = {}
+        for r in await self._fetch(sql):
+            groups.setdefault(r[0], []).append(r)
+        for txid, rows in groups.items():
+            try:
+                snap = fold_rows(rows)[0]
+            except StoreError as exc:
+                # Unreadable: reported when it is read; not reopenable meanwhile.
+                log.warning("log of %r is unreadable: %s", txid, exc)
+                continue
+            if snap.status is TxnStatus.NEEDS_ATTENTION:
+                self._txns.parked[txid] = snap.decision
+
+    async def close(self) -> None:
+        """Write what is pending (unless the store has failed), then close the pool."""
+        if self._pool is None:
+            return
+        self._closed = True
+        while self._task is not None or (self._buf and self._failed is None):
+            if self._task is None:
+                self._start_flush()
+            task = self._task
+            if task is not None:
+                await asyncio.shield(task)
+        pool, self._pool = self._pool, None
+        await pool.close()
+
+    # ------------------------------------------------------------ writing
+
+    def append(self, record: LogRecord) -> None:
+        if self._failed is not None:
+            raise StoreError(f"log writer failed: {self._failed}") from self._failed
+        if self._closed:
+            raise StoreError("log writer is closed")
+        row = self._txns.admit(record, None)
+        if row is None:
+            return
+        self._buf.append(row)
+        if not self._scheduled and self._task is None:
+            self._scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self._start_flush)
+
+    def sync(self) -> Completion[frozenset[str]] | None:
+        if self._failed is not None:
+            raise StoreError(f"log writer failed: {self._failed}") from self._failed
+        pending: Completion[Any] | None
+        if self._buf:
+            if self._done is None:
+                self._done = Completion()
+            pending = self._done
+        else:
+            pending = self._inflight
+        return with_rejected(pending, self._txns.rejected)
+
+    def _start_flush(self) -> None:
+        self._scheduled = False
+        if self._task is not None or not self._buf or self._failed is not None:
+            return
+        batch, self._buf = self._buf, []
+        done, self._done = self._done, None
+        if done is None:
+            done = Completion()
+        assert self._loop is not None
+        self._inflight = done
+        self._task = self._loop.create_task(self._flush(batch, done), name="accord-pg-flush")
+
+    async def _flush(self, batch: builtins.list[tuple[Any, ...]], done: Completion[Any]) -> None:
+        started = time.perf_counter()
+        try:
+            rejected, violations = await self._commit_with_retries(batch)
+        except BaseException as exc:  # reported to every waiter
+            log.error("accord-pg-flush: giving up: %s", exc)
+            self._failed = exc
+            err = exc if isinstance(exc, StoreError) else StoreError(f"log write failed: {exc}")
+            self._task = self._inflight = None
+            waiting, self._done = self._done, None
+            done.set_exception(err)
+            if waiting is not None:
+                waiting.set_exception(err)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        self._commit_seconds += time.perf_counter() - started
+        self._batches += 1
+        self._records += len(batch)
+        self.violations.extend(violations)
+        if rejected:
+            # A Begin refused by the database was let into the open table by
+            # append; that entry is the duplicate's. Records of it appended
+            # since (waiting in the next batch) are the duplicate's too.
+            for txid in rejected:
+                self._txns.open.pop(txid, None)
+            kept = []
+            for r in self._buf:
+                if r[0] in rejected:
+                    self.violations.append(f"{r[0]}: {r[1]} record of a refused duplicate Begin")
+                else:
+                    kept.append(r)
+            self._buf = kept
+        self._task = self._inflight = None
+        done.set_result(frozenset(rejected))
+        if self._buf and not self._scheduled and self._failed is None:
+            self._scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self._start_flush)
+
+    async def _commit_with_retries(
+        self, batch: builtins.list[tuple[Any, ...]]
+    ) -> tuple[set[str], builtins.list[str]]:
+        delay = 0.05
+        # (PostgreSQL transaction id, result) of an attempt whose COMMIT was
+        # sent but not acknowledged: it may have committed.
+        doubt: tuple[int, tuple[set[str], builtins.list[str]]] | None = None
+        for attempt in range(self.retries):
+            try:
+                if doubt is not None:
+                    status = await self._fetch("SELECT txid_status($1::bigint)", doubt[0])
+                    verdict = status[0][0] if status else None
+                    if verdict == "committed":
+                        log.warning("accord-pg-flush: the interrupted commit did succeed")
+                        return doubt[1]
+                    if verdict == "in progress":  # its backend has not noticed yet
+                        raise ConnectionError("the interrupted transaction is still in progress")
+                    doubt = None  # aborted (or unknown): write the batch again
+                conn = await self._pool.acquire()
+                state: dict[str, Any] = {}
+                try:
+                    async with conn.transaction():
+                        result = await self._write_batch(conn, batch)
+                        state["xid"] = await conn.fetchval("SELECT txid_current()")
+                        state["result"] = result
+                    return result
+                except _TRANSIENT:
+                    conn.terminate()  # broken or in doubt: the pool opens a new one
+                    if "result" in state:
+                        doubt = (state["xid"], state["result"])
+                    raise
+                finally:
+                    await self._pool.release(conn)
+            except _RETRYABLE as exc:
+                if isinstance(exc, StoreError) and doubt is None:
+                    raise
+                log.warning("accord-pg-flush: commit failed (attempt %d): %s", attempt + 1, exc)
+                if attempt == self.retries - 1:
+                    raise StoreError(f"commit failed after {self.retries} attempts: {exc}") from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 4, self.max_backoff_s)
+            except asyncpg.PostgresError as exc:
+                raise StoreError(f"log write failed: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    async def _write_batch(
+        self, conn: Any, rows: builtins.list[tuple[Any, ...]]
+    ) -> tuple[set[str], builtins.list[str]]:
+        """Runs inside the batch's transaction. Returns (ids whose Begin was
+        refused because they exist already, violations of unknown notes)."""
+        notes = {r[0] for r in rows if type(r) is Note}
+        logged: set[str] = set()
+        if notes:
+            logged = {r[0] for r in await conn.fetch(self._logged, list(notes))}
+        written, rejected, violations = filter_batch(rows, logged)
+        for _ in range(3):
+            try:
+                async with conn.transaction():  # a savepoint
+                    await self._insert(conn, written)
+                break
+            except asyncpg.UniqueViolationError:
+                # Some Begin reuses an id: find which, write the rest.
+                ids = list({r[0] for r in rows if r[1] == "begin"} | notes)
+                logged = {r[0] for r in await conn.fetch(self._logged, ids)}
+                written, rejected, violations = filter_batch(rows, logged)
+        else:
+            raise StoreError("log write failed: Begins kept colliding with concurrent writers")
+        closed, reopened = open_after(written)
+        if closed:
+            await conn.execute(self._close_open, closed)
+        if reopened:
+            await conn.execute(self._reopen, reopened)
+        return rejected, violations
+
+    async def _insert(self, conn: Any, rows: Sequence[tuple[Any, ...]]) -> None:
+        if not rows:
+            return
+        await conn.execute(
+            self._insert_log,
+            [r[0] for r in rows],
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            [r[3] for r in rows],
+        )
+        begins = [r[0] for r in rows if r[1] == "begin"]
+        if begins:
+            await conn.execute(self._insert_open, begins)
+
+    def stats(self) -> StoreStats:
+        return StoreStats(
+            records=self._records, batches=self._batches, commit_seconds=self._commit_seconds
+        )
+
+    # ------------------------------------------------------------ reading
+
+    async def _fetch(self, sql: str, *params: Any) -> builtins.list[Any]:
+        if self._pool is None:
+            raise StoreError("log is closed")
+        for attempt in (1, 2):  # once more on a new connection if the first broke
+            try:
+                async with self._pool.acquire() as conn:
+                    try:
+                        return await conn.fetch(sql, *params)  # type: ignore[no-any-return]
+                    except _TRANSIENT:
+                        conn.terminate()
+                        raise
+            except _TRANSIENT as exc:
+                if attempt == 1:
+                    continue
+                raise StoreError(f"schema {self.schema}: cannot read the log: {exc}") from exc
+            except asyncpg.PostgresError as exc:
+                raise StoreError(f"schema {self.schema}: cannot read the log: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    async def _scan(self, sql: str, *params: Any) -> AsyncGenerator[TxnSnapshot, None]:
+        """Fold rows ordered by txid (a server-side cursor), one snapshot at a time."""
+        if self._pool is None:
+            raise StoreError("log is closed")
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                current: str | None = None
+                records: builtins.list[LogRecord] = []
+                async for txid, kind, at_ms, body in conn.cursor(sql, *params, prefetch=500):
+                    if txid != current:
+                        if records:
+                            yield fold_records(current or "", records)
+                        current, records = txid, []
+                    records.append(record(txid, kind, at_ms, body))
+                if records:
+                    yield fold_records(current or "", records)
+        except (*_TRANSIENT, asyncpg.PostgresError) as exc:
+            raise StoreError(f"schema {self.schema}: cannot read the log: {exc}") from exc
+
+    async def load_active(self) -> builtins.list[TxnSnapshot]:
+        s = self.schema
+        rows = await self._fetch(
+            f"SELECT l.txid, l.kind, l.at_ms, l.body FROM {s}.txn_open o"
+            f" JOIN {s}.log l ON l.txid = o.txid ORDER BY l.seq"
+        )
+        # txn_open and the records must agree; if they do not, the records win.
+        return [snap for snap in fold_rows(rows) if not snap.status.terminal]
+
+    async def get(self, txid: str) -> TxnSnapshot | None:
+        rows = await self._fetch(
+            f"SELECT {_ROWS} FROM {self.schema}.log WHERE txid = $1 ORDER BY seq", txid
+        )
+        snaps = fold_rows(rows)
+        return snaps[0] if snaps else None
+
+    async def list(
+        self, status: TxnStatus | None = None, limit: int = 100, after_id: str | None = None
+    ) -> builtins.list[TxnRow]:
+        out: builtins.list[TxnRow] = []
+        sql = f"SELECT {_ROWS} FROM {self.schema}.log WHERE txid > $1 ORDER BY txid, seq"
+        scan = self._scan(sql, after_id or "")
+        try:
+            async for snap in scan:
+                if status is None or snap.status is status:
+                    out.append(TxnRow.of(snap))
+                    if len(out) >= limit:
+                        break
+        finally:
+            await scan.aclose()
+        return out
+
+    async def count_by_status(self) -> dict[TxnStatus, int]:
+        counts: dict[TxnStatus, int] = {}
+        sql = f"SELECT {_ROWS} FROM {self.schema}.log ORDER BY txid, seq"
+        async for snap in self._scan(sql):
+            counts[snap.status] = counts.get(snap.status, 0) + 1
+        return counts
+
+    async def snapshots(self) -> builtins.list[TxnSnapshot]:
+        sql = f"SELECT {_ROWS} FROM {self.schema}.log ORDER BY txid, seq"
+        return [snap async for snap in self._scan(sql)]
+
+
+__all__ = ["PostgresStore"]
