@@ -111,7 +111,9 @@ class _Run:
     arrive meanwhile in the inbox, so they are applied in order.
     """
 
-    __slots__ = ("busy", "events", "finished", "result", "started_s", "state", "timers")
+    __slots__ = (
+        "busy", "events", "finished", "result", "started_s", "state", "summary", "timers",
+    )  # fmt: skip
 
     def __init__(self, state: TxnState, result: asyncio.Future[TxnResult], started_s: float):
         self.state = state
@@ -121,6 +123,8 @@ class _Run:
         self.timers: list[asyncio.TimerHandle] = []
         self.started_s = started_s
         self.finished = False
+        # The branches as the terminal record logged them, reused for the result.
+        self.summary: tuple[BranchSummary, ...] | None = None
 
 
 _CRASH_KIND = {
@@ -348,6 +352,8 @@ class Coordinator:
             elif kind is Persist:
                 record = action.record  # type: ignore[union-attr]
                 store.append(record)
+                if type(record) is Ended:
+                    run.summary = record.branches
                 if _crash.ENABLED:
                     _crash.hit(f"log.{_crash_kind(record)}.appended")
                 if action.durable:  # type: ignore[union-attr]
@@ -523,7 +529,7 @@ class Coordinator:
                 state.txid,
                 status,
                 state.reason,
-                machine.summaries(state),
+                run.summary or machine.summaries(state),
                 self._loop.time() - run.started_s,
             )
         )

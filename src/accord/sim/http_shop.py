@@ -39,7 +39,7 @@ from accord import wire
 from accord.core.spec import Op
 from accord.participant import Participant, Refusal, SQLiteBarrier
 from accord.sim import services as sim
-from accord.sim.faults import FAULT_KINDS, FAULT_MIX, LATENCY_SIGMA
+from accord.sim.faults import FAULT_KINDS, FAULT_MIX, LATENCY_SIGMA, FaultConfig
 from accord.sim.services import RULES, Counters, ServiceStore
 from accord.sim.workload import SERVICES
 
@@ -138,10 +138,7 @@ class Faults:
     rng: random.Random = field(default_factory=random.Random)
 
     def validate(self) -> None:
-        if not 0 <= self.fault_rate <= 1:
-            raise ValueError(f"fault_rate must be between 0 and 1, got {self.fault_rate}")
-        if not 0 <= self.latency_ms <= 60_000:
-            raise ValueError(f"latency_ms must be between 0 and 60000, got {self.latency_ms}")
+        FaultConfig(self.fault_rate, self.latency_ms)  # same rules as the in-process shop
         if not 0 < self.hang_s <= 600:
             raise ValueError(f"hang_s must be in (0, 600], got {self.hang_s}")
 
