@@ -18,6 +18,7 @@ from accord import (
     DuplicateTransaction,
     InProcessTransport,
     MemoryStore,
+    Observer,
     Op,
     Outcome,
     Overloaded,
@@ -656,3 +657,76 @@ async def test_submit_without_waiting_raises_overloaded_at_the_limit(
         assert [c.txid for c in gate.calls if c.op is Op.TRY] == ["t1", "t2"]
     finally:
         await coord.close()
+
+
+# ------------------------------------------------------------------ observer
+
+
+class Recorder(Observer):
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+
+    def txn_started(self, txid: str, spec: TransactionSpec, recovered: bool) -> None:
+        self.events.append(("started", txid, recovered))
+
+    def call_finished(
+        self,
+        txid: str,
+        branch: str,
+        op: str,
+        attempt: int,
+        outcome: str,
+        latency_s: float,
+        error: str,
+    ) -> None:
+        assert latency_s >= 0
+        self.events.append(("call", txid, branch, op, attempt, outcome))
+
+    def txn_finished(self, txid: str, status: TxnStatus, reason: str, latency_s: float) -> None:
+        self.events.append(("finished", txid, status))
+
+
+async def test_observer_sees_every_call_and_the_outcome(style: str) -> None:
+    """An installed observer hears each transaction start, every call with its
+    attempt and outcome (including a transient failure), and the terminal status."""
+    recorder = Recorder()
+    w = World(MemoryStore(), style, observer=recorder)
+    first = True
+
+    def flaky(call: Call) -> Reply:
+        nonlocal first
+        if call.op is Op.TRY and first:
+            first = False
+            return Reply(Outcome.TRANSIENT, error="503")
+        return OK
+
+    w.parts["p1"].answer = flaky
+    await w.coord.start()
+    try:
+        await w.run(tcc("t1", "p0", "p1"))
+    finally:
+        await w.coord.close()
+    calls = sorted(e[2:] for e in recorder.events if e[0] == "call")
+    assert calls == [
+        ("b0", "confirm", 1, "ok"),
+        ("b0", "try", 1, "ok"),
+        ("b1", "confirm", 1, "ok"),
+        ("b1", "try", 1, "transient"),
+        ("b1", "try", 2, "ok"),
+    ]
+    assert recorder.events[0] == ("started", "t1", False)
+    assert recorder.events[-1] == ("finished", "t1", TxnStatus.COMMITTED)
+
+
+async def test_a_failing_observer_never_breaks_a_transaction() -> None:
+    class Broken(Observer):
+        def call_started(self, txid: str, branch: str, op: str, attempt: int) -> None:
+            raise RuntimeError("observer bug")
+
+    w = World(MemoryStore(), "sync", observer=Broken())
+    await w.coord.start()
+    try:
+        result = await w.run(tcc("t1", "p0", "p1"))
+    finally:
+        await w.coord.close()
+    assert result.committed

@@ -16,6 +16,7 @@ EXPECTED = [
     "InProcessTransport",
     "InvalidTransaction",
     "MemoryStore",
+    "Observer",
     "Op",
     "Outcome",
     "Overloaded",

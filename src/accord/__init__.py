@@ -1,6 +1,6 @@
 """accord: a distributed transaction coordinator (TCC and saga) for Python services."""
 
-from accord.coordinator import Coordinator, TxnResult
+from accord.coordinator import Coordinator, Observer, TxnResult
 from accord.core.machine import Outcome
 from accord.core.records import Decision, TxnStatus
 from accord.core.spec import BranchSpec, Op, Protocol, RetryPolicy, TransactionSpec
@@ -31,6 +31,7 @@ __all__ = [
     "InProcessTransport",
     "InvalidTransaction",
     "MemoryStore",
+    "Observer",
     "Op",
     "Outcome",
     "Overloaded",

@@ -102,6 +102,37 @@ class Metrics:
     outcomes: dict[str, int] = field(default_factory=lambda: {o.value: 0 for o in Outcome})
 
 
+class Observer:
+    """Hooks for metrics, tracing and the dashboard: called on the loop thread.
+
+    Every method is optional to override and must be cheap and never raise
+    into the coordinator (exceptions are logged and dropped). ``Coordinator``
+    calls them only when an observer is installed, so the hot path pays
+    nothing without one.
+    """
+
+    def txn_started(self, txid: str, spec: TransactionSpec, recovered: bool) -> None:
+        """A transaction is being driven (new, or resumed from the log)."""
+
+    def call_started(self, txid: str, branch: str, op: str, attempt: int) -> None:
+        """A participant call is about to be sent."""
+
+    def call_finished(
+        self,
+        txid: str,
+        branch: str,
+        op: str,
+        attempt: int,
+        outcome: str,
+        latency_s: float,
+        error: str,
+    ) -> None:
+        """A participant call returned (or failed) after ``latency_s``."""
+
+    def txn_finished(self, txid: str, status: TxnStatus, reason: str, latency_s: float) -> None:
+        """A transaction reached a terminal status."""
+
+
 class _Run:
     """One transaction being driven: its state, inbox and timers.
 
@@ -156,6 +187,7 @@ class Coordinator:
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         clock_ms: Callable[[], int] = wall_clock_ms,
         rng: random.Random | None = None,
+        observer: Observer | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
@@ -163,6 +195,7 @@ class Coordinator:
         self.transport = transport
         self.max_in_flight = max_in_flight
         self.metrics = Metrics()
+        self.observer = observer
         self._now_ms = clock_ms
         self._random = (rng or random.Random()).random
         self._slots = asyncio.Semaphore(max_in_flight)
@@ -237,7 +270,7 @@ class Coordinator:
             return await self.submit(spec)
         state, actions = machine.start(spec, self._now_ms())
         self.metrics.started += 1
-        return self._launch(state, actions)
+        return self._launch(state, actions, False)
 
     async def run(self, spec: TransactionSpec) -> TxnResult:
         """Submit ``spec`` and wait until it is terminal."""
@@ -262,7 +295,7 @@ class Coordinator:
             return running.result
         state, actions = machine.recover(snap, self._now_ms())
         self.metrics.recovered += 1
-        fut = self._launch(state, actions)
+        fut = self._launch(state, actions, True)
         _crash.hit("recovery.resumed")
         return fut
 
@@ -272,11 +305,15 @@ class Coordinator:
             self._slots.release()
             raise CoordinatorClosed("the coordinator is not running")
 
-    def _launch(self, state: TxnState, actions: list[Action]) -> asyncio.Future[TxnResult]:
+    def _launch(
+        self, state: TxnState, actions: list[Action], recovered: bool
+    ) -> asyncio.Future[TxnResult]:
         assert self._loop is not None
         result: asyncio.Future[TxnResult] = self._loop.create_future()
         run = _Run(state, result, self._loop.time())
         self._runs[state.txid] = run
+        if self.observer is not None:
+            self._observe("txn_started", state.txid, state.spec, recovered)
         self._pump(run, actions, 0)
         return result
 
@@ -446,23 +483,32 @@ class Coordinator:
             send.attempt,
             branch.timeout_s,
         )
+        sent_s = 0.0
+        if self.observer is not None:
+            assert self._loop is not None
+            sent_s = self._loop.time()
+            self._observe("call_started", spec.id, branch.name, send.op.value, send.attempt)
         try:
             started = self.transport.start(call)
         except Exception as exc:
             log.exception("transport raised for %s/%s %s", spec.id, branch.name, send.op)
             started = Reply(Outcome.TRANSIENT, error=f"transport error: {exc!r}")
         if isinstance(started, Reply):
-            self._replied(run, send, started)
+            self._replied(run, send, started, sent_s)
             return
         if isinstance(started, Completion | asyncio.Future):
-            started.add_done_callback(partial(self._reply_ready, run, send))
+            started.add_done_callback(partial(self._reply_ready, run, send, sent_s))
             return
         task = asyncio.ensure_future(started)
         self._tasks.add(task)
-        task.add_done_callback(partial(self._reply_ready, run, send))
+        task.add_done_callback(partial(self._reply_ready, run, send, sent_s))
 
     def _reply_ready(
-        self, run: _Run, send: Send, fut: asyncio.Future[Reply] | Completion[Reply]
+        self,
+        run: _Run,
+        send: Send,
+        sent_s: float,
+        fut: asyncio.Future[Reply] | Completion[Reply],
     ) -> None:
         if isinstance(fut, asyncio.Task):
             self._tasks.discard(fut)
@@ -473,10 +519,22 @@ class Coordinator:
             reply = Reply(Outcome.TRANSIENT, error=f"transport error: {exc!r}")
         else:
             reply = fut.result()
-        self._replied(run, send, reply)
+        self._replied(run, send, reply, sent_s)
 
-    def _replied(self, run: _Run, send: Send, reply: Reply) -> None:
+    def _replied(self, run: _Run, send: Send, reply: Reply, sent_s: float) -> None:
         self.metrics.outcomes[reply.outcome] += 1
+        if self.observer is not None:
+            assert self._loop is not None
+            self._observe(
+                "call_finished",
+                run.state.txid,
+                run.state.spec.branches[send.branch].name,
+                send.op.value,
+                send.attempt,
+                reply.outcome.value,
+                self._loop.time() - sent_s,
+                reply.error,
+            )
         self._post(
             run,
             Replied(
@@ -524,15 +582,20 @@ class Coordinator:
             self.metrics.needs_attention += 1
         state = run.state
         assert self._loop is not None
+        latency_s = self._loop.time() - run.started_s
         result.set_result(
             TxnResult(
-                state.txid,
-                status,
-                state.reason,
-                run.summary or machine.summaries(state),
-                self._loop.time() - run.started_s,
+                state.txid, status, state.reason, run.summary or machine.summaries(state), latency_s
             )
         )
+        if self.observer is not None:
+            self._observe("txn_finished", state.txid, status, state.reason, latency_s)
+
+    def _observe(self, hook: str, *args: Any) -> None:
+        try:
+            getattr(self.observer, hook)(*args)
+        except Exception:  # an observer never breaks a transaction
+            log.exception("observer %s failed", hook)
 
     def _release(self, run: _Run) -> None:
         for timer in run.timers:
