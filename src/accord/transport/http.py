@@ -51,7 +51,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -76,6 +76,8 @@ MAX_CACHED_TARGETS = 4096
 Key = tuple[str, bytes]
 # (url to POST to, its path as signed, key id, secret)
 _Target = tuple[URL, str, str, bytes]
+# The trace context to send with a call (e.g. its span's), or None for a fresh one.
+TraceparentFor = Callable[[Call], "str | None"]
 
 _decode = msgspec.json.decode
 _trace_random = random.Random()
@@ -99,6 +101,11 @@ class HttpTransport(Transport):
     matches only at a path boundary. ``default_key`` signs for participants
     no prefix matches; without one such a call is ``REJECTED`` unsent.
 
+    ``traceparent(call)``, if given, returns the W3C ``traceparent`` to send
+    with ``call`` (the tracing observer's span of that call, see
+    :class:`accord.observability.TracingObserver`); when it is not given or
+    returns ``None`` (or fails), a fresh random one is sent.
+
     One aiohttp session (created lazily in the running loop) pools up to
     ``max_connections`` keep-alive connections; :meth:`close` closes it.
     """
@@ -109,6 +116,7 @@ class HttpTransport(Transport):
         *,
         default_key: Key | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        traceparent: TraceparentFor | None = None,
     ) -> None:
         if max_connections < 1:
             raise ValueError(f"max_connections must be at least 1, got {max_connections}")
@@ -134,6 +142,7 @@ class HttpTransport(Transport):
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._traceparent_for = traceparent
 
     async def call(self, call: Call) -> Reply:
         target = self._targets.get((call.participant, call.op))
@@ -151,7 +160,9 @@ class HttpTransport(Transport):
             return Reply(Outcome.REJECTED, error=_clip(f"payload cannot be encoded: {exc}"))
         headers = wire.sign(secret, key_id, "POST", path, body)
         headers["content-type"] = "application/json"
-        headers[wire.TRACEPARENT] = traceparent()
+        trace_for = self._traceparent_for
+        context = None if trace_for is None else _trace_context(trace_for, call)
+        headers[wire.TRACEPARENT] = context or traceparent()
         timeout_s = call.timeout_s
         timeout = self._timeouts.get(timeout_s)
         if timeout is None:
@@ -260,6 +271,14 @@ class HttpTransport(Transport):
 
 class _ReplyTooLarge(Exception):
     pass
+
+
+def _trace_context(trace_for: TraceparentFor, call: Call) -> str | None:
+    try:
+        return trace_for(call)
+    except Exception:  # tracing never fails a call
+        log.warning("traceparent provider failed", exc_info=True)
+        return None
 
 
 def _check_key(where: str, key: Any) -> None:
