@@ -349,6 +349,66 @@ class Coordinator:
         self._post(run, AbortRequested(reason, self._now_ms()))
         return True
 
+    async def abort_any(self, txid: str, reason: str) -> asyncio.Future[TxnResult] | None:
+        """Abort a transaction with no decision yet, driven here or only in the log.
+
+        Driven here: as :meth:`abort`. In the log and driven by nobody (not
+        yet recovered, or started with ``recover=False``): log the operator's
+        note and the abort decision, then drive the abort. Returns the
+        transaction's result future; None if it is decided or terminal."""
+        run = self._runs.get(txid)
+        if run is not None:
+            return run.result if self.abort(txid, reason) else None
+        async with self._operator_lock:
+            snap = await self.store.get(txid)
+            # Re-checked after the read, with no await until the records are
+            # queued: a run started meanwhile must not race an abort decision.
+            if txid in self._runs:
+                return self._runs[txid].result if self.abort(txid, reason) else None
+            if snap is None:
+                raise TransactionNotFound(f"no transaction {txid!r}", txid=txid)
+            if snap.decision is not None or snap.status is not TxnStatus.PREPARING:
+                return None
+            now_ms = self._now_ms()
+            self.store.append(OperatorAction(txid, "abort", reason, now_ms))
+            why = f"aborted by operator: {reason}"
+            self.store.append(Decided(txid, Decision.ABORT, why, now_ms))
+            await self.store.flush()
+            snap = await self.store.get(txid)
+            if snap is None or snap.decision is not Decision.ABORT:
+                raise AccordError(f"transaction {txid!r} could not be aborted", txid=txid)
+            if snap.status.terminal:  # finished by a recovery that read it earlier
+                result = TxnResult(txid, snap.status, snap.reason, snap.branches)
+                return _resolved(self._loop, result)
+            return await self._resume_one(snap)
+
+    async def resolve(self, txid: str, reason: str) -> TxnStatus | None:
+        """Close a needs-attention transaction that an operator repaired by hand.
+
+        The operator declares that every participant now agrees with the
+        decision: the log records ``OperatorAction("resolve")``, which ends
+        the transaction committed (decision commit) or aborted (otherwise).
+        Returns that status; None if the transaction is not in needs_attention."""
+        async with self._operator_lock:  # not concurrently with a retry's resumption
+            if txid in self._runs:
+                return None
+            snap = await self.store.get(txid)
+            if snap is None:
+                raise TransactionNotFound(f"no transaction {txid!r}", txid=txid)
+            if txid in self._runs or snap.status is not TxnStatus.NEEDS_ATTENTION:
+                return None
+            self.store.append(OperatorAction(txid, "resolve", reason, self._now_ms()))
+            await self.store.flush()
+            after = await self.store.get(txid)
+            if after is None or after.status not in (TxnStatus.COMMITTED, TxnStatus.ABORTED):
+                raise AccordError(f"transaction {txid!r} could not be resolved", txid=txid)
+            return after.status
+
+    def live(self, txid: str) -> TxnState | None:
+        """The state of a transaction being driven here (read only), or None."""
+        run = self._runs.get(txid)
+        return run.state if run is not None else None
+
     # ------------------------------------------------------------ the driver
 
     def _post(self, run: _Run, event: Event) -> None:
@@ -620,3 +680,11 @@ def _chain(target: asyncio.Future[TxnResult], source: asyncio.Future[TxnResult])
         target.set_exception(source.exception())  # type: ignore[arg-type]
     else:
         target.set_result(source.result())
+
+
+def _resolved(
+    loop: asyncio.AbstractEventLoop | None, result: TxnResult
+) -> asyncio.Future[TxnResult]:
+    fut: asyncio.Future[TxnResult] = (loop or asyncio.get_running_loop()).create_future()
+    fut.set_result(result)
+    return fut

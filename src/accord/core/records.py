@@ -197,6 +197,14 @@ def apply(snapshot: TxnSnapshot, record: LogRecord) -> None:
             # The parked reason (a branch that gave up) no longer describes it; left
             # in place it would become the reason of the end the retry reaches.
             snapshot.reason = f"retried by operator: {record.reason}"
+        elif record.action == "resolve" and snapshot.status is TxnStatus.NEEDS_ATTENTION:
+            # The operator repaired the participants by hand: the decision holds
+            # (no decision means presumed abort). An operator's record, not an
+            # Ended, because the stores accept only notes on a parked transaction.
+            committed = snapshot.decision is Decision.COMMIT
+            snapshot.status = TxnStatus.COMMITTED if committed else TxnStatus.ABORTED
+            snapshot.decision = Decision.COMMIT if committed else Decision.ABORT
+            snapshot.reason = f"resolved by operator: {record.reason}"
     elif isinstance(record, Begin):
         raise StoreError("a second Begin for an existing transaction", txid=record.txid)
 

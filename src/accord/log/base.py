@@ -88,8 +88,15 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list(
-        self, status: TxnStatus | None = None, limit: int = 100, after_id: str | None = None
-    ) -> list[TxnRow]: ...
+        self,
+        status: TxnStatus | None = None,
+        limit: int = 100,
+        after_id: str | None = None,
+        *,
+        since_ms: int | None = None,
+    ) -> list[TxnRow]:
+        """Transactions in id order, after ``after_id``, of ``status``, created at
+        or after ``since_ms``; at most ``limit``."""
 
     @abc.abstractmethod
     async def count_by_status(self) -> dict[TxnStatus, int]: ...

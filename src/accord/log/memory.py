@@ -107,10 +107,20 @@ class MemoryStore(Store):
         return copy.deepcopy(snap) if snap is not None else None
 
     async def list(
-        self, status: TxnStatus | None = None, limit: int = 100, after_id: str | None = None
+        self,
+        status: TxnStatus | None = None,
+        limit: int = 100,
+        after_id: str | None = None,
+        *,
+        since_ms: int | None = None,
     ) -> list[TxnRow]:
         rows = sorted(
-            (s for s in self._txns.values() if status is None or s.status is status),
+            (
+                s
+                for s in self._txns.values()
+                if (status is None or s.status is status)
+                and (since_ms is None or s.created_at_ms >= since_ms)
+            ),
             key=lambda s: s.txid,
         )
         if after_id is not None:

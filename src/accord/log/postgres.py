@@ -484,13 +484,20 @@ class PostgresStore(Store):
         return snaps[0] if snaps else None
 
     async def list(
-        self, status: TxnStatus | None = None, limit: int = 100, after_id: str | None = None
+        self,
+        status: TxnStatus | None = None,
+        limit: int = 100,
+        after_id: str | None = None,
+        *,
+        since_ms: int | None = None,
     ) -> builtins.list[TxnRow]:
         out: builtins.list[TxnRow] = []
         sql = f"SELECT {_ROWS} FROM {self.schema}.log WHERE txid > $1 ORDER BY txid, seq"
         scan = self._scan(sql, after_id or "")
         try:
             async for snap in scan:
+                if since_ms is not None and snap.created_at_ms < since_ms:
+                    continue
                 if status is None or snap.status is status:
                     out.append(TxnRow.of(snap))
                     if len(out) >= limit:

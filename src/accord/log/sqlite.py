@@ -187,12 +187,19 @@ class SQLiteStore(Store):
         return snaps[0] if snaps else None
 
     async def list(
-        self, status: TxnStatus | None = None, limit: int = 100, after_id: str | None = None
+        self,
+        status: TxnStatus | None = None,
+        limit: int = 100,
+        after_id: str | None = None,
+        *,
+        since_ms: int | None = None,
     ) -> builtins.list[TxnRow]:
         def run() -> builtins.list[TxnRow]:
             out: builtins.list[TxnRow] = []
             sql = "SELECT txid, kind, at_ms, body FROM log WHERE txid > ? ORDER BY txid, seq"
             for snap in self._scan(sql, (after_id or "",)):
+                if since_ms is not None and snap.created_at_ms < since_ms:
+                    continue
                 if status is None or snap.status is status:
                     out.append(TxnRow.of(snap))
                     if len(out) >= limit:
