@@ -221,6 +221,7 @@
     ctx.textAlign = "center";
     ctx.textBaseline = "top";
     for (let s = WINDOW_S; s >= 0; s -= 30) {
+      ctx.textAlign = s === 0 ? "right" : "center";
       ctx.fillText(s === 0 ? "now" : "-" + s + "s", x(now - s * 1000), height - bottom + 4);
     }
     if (state.samples.length < 2) return;
@@ -366,6 +367,7 @@
       }
     }
     if (!isFinite(t0)) {
+      clear($("call-rows"));
       box.append(el("p", { class: "muted" }, "No calls recorded by this coordinator process (the attempts counted above come from the log)."));
       return;
     }
@@ -388,15 +390,19 @@
         svg("text", { x: x(t), y: 12, class: "tick", "text-anchor": i === 0 ? "start" : i === 4 ? "end" : "middle" }, "+" + fmtMs(t - t0))
       );
     }
+    const charW = 6.2; // average width of an 11px character, for label placement
     branches.forEach((b, row) => {
       const yTop = axisH + row * rowH;
       chart.append(svg("text", { x: 4, y: yTop + rowH / 2 + 4, class: "branch-label" }, b.name));
-      for (const a of b.timeline || []) {
+      const attempts = (b.timeline || []).slice().sort((p, q) => p.started_at_ms - q.started_at_ms);
+      let labelEnd = -Infinity; // a label never overlaps the previous one
+      attempts.forEach((a, i) => {
         const outcome = known(a.outcome, OUTCOMES, "other");
         const open = a.latency_ms === null || a.latency_ms === undefined;
         const end = open ? now : a.started_at_ms + a.latency_ms;
         const barX = x(a.started_at_ms);
         const barW = Math.max(x(end) - barX, 3);
+        const nextX = i + 1 < attempts.length ? x(attempts[i + 1].started_at_ms) : width - padR;
         const label = a.op + " #" + a.attempt + ": " + a.outcome + ", " + fmtMs(open ? null : a.latency_ms) + (a.error ? " — " + a.error : "");
         const bar = svg(
           "g",
@@ -410,16 +416,54 @@
           svg("title", null, label),
           svg("rect", { x: barX, y: yTop + 5, width: barW, height: rowH - 10, rx: 2 })
         );
+        // The label goes inside a wide bar, else right of it if there is room
+        // before the next bar, else left of it; else only in the tooltip and
+        // the table of calls below.
         const text = a.op + " #" + a.attempt + " " + fmtMs(open ? null : a.latency_ms);
-        // The text goes inside a wide bar, to the right of a narrow one.
-        const inside = barW > text.length * 6.5 + 6;
-        bar.append(
-          svg("text", { x: inside ? barX + 4 : barX + barW + 3, y: yTop + rowH / 2 + 4, class: inside ? "bar-text in" : "bar-text" }, text)
-        );
+        const textW = text.length * charW;
+        let at = null, cls = "bar-text", anchor = "start";
+        if (barW >= textW + 8 && barX + 4 >= labelEnd) {
+          at = barX + 4;
+          cls = "bar-text in";
+        } else if (barX + barW + 3 >= labelEnd && barX + barW + 3 + textW <= Math.min(nextX - 4, width - padR)) {
+          at = barX + barW + 3;
+        } else if (barX - 3 - textW >= Math.max(labelEnd, labelW)) {
+          at = barX - 3;
+          anchor = "end";
+        }
+        if (at !== null) {
+          bar.append(svg("text", { x: at, y: yTop + rowH / 2 + 4, class: cls, "text-anchor": anchor }, text));
+          labelEnd = (anchor === "end" ? at : at + textW) + 4;
+        }
         chart.append(bar);
-      }
+      });
     });
     box.append(chart);
+    renderCalls(branches);
+  }
+
+  function renderCalls(branches) {
+    const rows = $("call-rows");
+    clear(rows);
+    const calls = [];
+    for (const b of branches) for (const a of b.timeline || []) calls.push([b.name, a]);
+    calls.sort((p, q) => p[1].started_at_ms - q[1].started_at_ms);
+    for (const [branch, a] of calls) {
+      const outcome = known(a.outcome, OUTCOMES, "other");
+      rows.append(
+        el(
+          "tr",
+          null,
+          el("td", null, fmtTime(a.started_at_ms)),
+          el("td", null, branch),
+          el("td", null, a.op),
+          el("td", { class: "num" }, a.attempt),
+          el("td", null, el("span", { class: "key o-" + outcome }, el("i"), a.outcome)),
+          el("td", { class: "num" }, fmtMs(a.latency_ms === undefined ? null : a.latency_ms)),
+          el("td", { class: "err" }, a.error || "")
+        )
+      );
+    }
   }
 
   function renderLegend() {
@@ -484,6 +528,7 @@
       $("txn-view").hidden = false;
       $("txn-title").textContent = id;
       clear($("timeline"));
+      clear($("call-rows"));
       clear($("branch-rows"));
       loadTxn(id);
     } else {
