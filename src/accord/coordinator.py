@@ -188,6 +188,7 @@ class Coordinator:
         clock_ms: Callable[[], int] = wall_clock_ms,
         rng: random.Random | None = None,
         observer: Observer | None = None,
+        gate: Callable[[str], BaseException | None] | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
@@ -196,6 +197,10 @@ class Coordinator:
         self.max_in_flight = max_in_flight
         self.metrics = Metrics()
         self.observer = observer
+        # Consulted before every participant call (a cluster node's lease
+        # check): None lets the call go; an error stops driving the
+        # transaction with it, sending and writing nothing.
+        self.gate = gate
         self._now_ms = clock_ms
         self._random = (rng or random.Random()).random
         self._slots = asyncio.Semaphore(max_in_flight)
@@ -286,6 +291,20 @@ class Coordinator:
                 continue
             futures.append(await self._resume_one(snap))
         return futures
+
+    async def resume_snapshots(self, snaps: list[TxnSnapshot]) -> list[asyncio.Future[TxnResult]]:
+        """Drive these non-terminal transactions, read from the log by the
+        caller (a cluster node, for the shards it just acquired)."""
+        return [await self._resume_one(snap) for snap in snaps if snap.txid not in self._runs]
+
+    def drop(self, which: Callable[[str], bool], error: BaseException) -> int:
+        """Stop driving the transactions whose id ``which`` accepts, at once,
+        sending and writing nothing more: their result futures fail with
+        ``error``; their fate is whatever the log says. Returns how many."""
+        runs = [run for txid, run in self._runs.items() if which(txid)]
+        for run in runs:
+            self._finish(run, None, error)
+        return len(runs)
 
     async def _resume_one(self, snap: TxnSnapshot) -> asyncio.Future[TxnResult]:
         await self._acquire_slot()
@@ -531,6 +550,11 @@ class Coordinator:
         resumed.add_done_callback(partial(_chain, run.result))
 
     def _send(self, run: _Run, send: Send) -> None:
+        if self.gate is not None:
+            refused = self.gate(run.state.txid)
+            if refused is not None:
+                self._finish(run, None, refused)
+                return
         self.metrics.calls += 1
         spec = run.state.spec
         branch = spec.branches[send.branch]

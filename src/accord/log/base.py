@@ -8,8 +8,15 @@ from dataclasses import dataclass
 
 from accord._completion import Completion
 from accord.core.records import LogRecord, TxnSnapshot, TxnStatus
+from accord.errors import StoreError
 
 SCHEMA_VERSION = 1
+
+
+class Fenced(StoreError):
+    """A record was refused because its writer does not hold the lease of the
+    transaction's shard (any more): another coordinator may be driving it.
+    Nothing of it was written; retrying through the cluster reaches the owner."""
 
 
 @dataclass(frozen=True, slots=True)

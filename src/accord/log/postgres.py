@@ -41,6 +41,20 @@ committed the batch without the client knowing. Each batch therefore notes its
 PostgreSQL transaction id (``txid_current()``, one extra round trip per batch)
 and, before writing again, asks ``txid_status()`` on a new connection: a batch
 that did commit is not written twice.
+
+Cluster mode (``fence=...``, see :mod:`accord.cluster`): several coordinators
+share the schema, each owning some of its shards through leases in
+``shard_lease(shard, owner, token, expires_at)``. Every row carries its shard,
+the fencing token its writer held when the record was appended, and the
+writer's node id (columns ``shard``, ``token``, ``node`` of ``log``; ``shard``
+of ``txn_open``). ``append`` refuses (:class:`~accord.log.base.Fenced`) a
+record its node may not write now. Each batch locks the lease rows of its
+shards (``FOR SHARE``, in shard order) and writes only the rows whose token
+is still the shard's current one; a takeover updates that row, so it waits
+for (or skips) a batch in flight, and a stale writer can never commit after
+the new owner took over. Refused rows are reported to the fence
+(``Fence.fenced``) before the batch's waiters resume. A store opened without
+a fence on a cluster's schema reads but never writes.
 """
 
 from __future__ import annotations
@@ -50,8 +64,8 @@ import builtins
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, Sequence
-from typing import Any
+from collections.abc import AsyncGenerator, Collection, Iterable, Sequence
+from typing import Any, Protocol
 
 import asyncpg  # type: ignore[import-untyped]
 
@@ -68,7 +82,7 @@ from accord.log._rows import (
     record,
     with_rejected,
 )
-from accord.log.base import SCHEMA_VERSION, Store, StoreStats, TxnRow
+from accord.log.base import SCHEMA_VERSION, Fenced, Store, StoreStats, TxnRow
 
 log = logging.getLogger("accord.log")
 
@@ -86,6 +100,16 @@ _MIGRATIONS: dict[int, list[str]] = {
         "CREATE TABLE {s}.txn_open (txid TEXT PRIMARY KEY)",
     ],
 }
+
+# The cluster's columns: nullable, so older builds (and the single-coordinator
+# store) ignore them and the log's schema version stays 1. Added once per
+# schema, noted in meta as 'shard_columns'.
+_SHARD_COLUMNS = [
+    "ALTER TABLE {s}.log ADD COLUMN IF NOT EXISTS shard INT,"
+    " ADD COLUMN IF NOT EXISTS token BIGINT, ADD COLUMN IF NOT EXISTS node TEXT",
+    "ALTER TABLE {s}.txn_open ADD COLUMN IF NOT EXISTS shard INT",
+    "CREATE INDEX IF NOT EXISTS txn_open_shard ON {s}.txn_open(shard)",
+]
 
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
@@ -109,6 +133,29 @@ _RETRYABLE: tuple[type[BaseException], ...] = (*_TRANSIENT, StoreError)
 
 _ROWS = "txid, kind, at_ms, body"
 
+# What writing a batch found: ids whose Begin was refused as duplicates,
+# violations of notes on unknown transactions, rows refused by the fence.
+_BatchResult = tuple[set[str], list[str], list[tuple[Any, ...]]]
+
+
+class Fence(Protocol):
+    """What a cluster node tells its store: which shard a transaction is in,
+    which token its records carry, and which records the database refused."""
+
+    node: str
+
+    def shard_of(self, txid: str) -> int:
+        """The transaction's shard."""
+
+    def stamp(self, txid: str) -> tuple[int, int] | None:
+        """(shard, fencing token) to write a record of ``txid`` with, or None
+        if this node may not write for it now."""
+
+    def fenced(self, stale: set[tuple[int, int]], txids: frozenset[str]) -> None:
+        """Rows of ``txids`` stamped with these (shard, token) pairs were not
+        written: the shard's token has moved on. Called on the loop, before
+        the batch's waiters resume."""
+
 
 class PostgresStore(Store):
     """The log in PostgreSQL; see the module docstring for the design."""
@@ -121,6 +168,7 @@ class PostgresStore(Store):
         pool_size: int = 4,
         retries: int = 5,
         max_backoff_s: float = 2.0,
+        fence: Fence | None = None,
     ) -> None:
         if not _SCHEMA_NAME.match(schema):
             raise ValueError(f"schema must be a plain SQL identifier, got {schema!r}")
@@ -145,6 +193,11 @@ class PostgresStore(Store):
         self._batches = 0
         self._records = 0
         self._commit_seconds = 0.0
+        self._fence = fence
+        # Why appends are refused (a cluster's schema opened without a fence).
+        self._refuse: str | None = None
+        self.cluster_shards: int | None = None  # set on open if the schema is a cluster's
+        self.fenced_records = 0  # rows the database refused for a stale token
         s = schema
         self._insert_log = (
             f"INSERT INTO {s}.log({_ROWS})"
@@ -156,6 +209,20 @@ class PostgresStore(Store):
         )
         self._close_open = f"DELETE FROM {s}.txn_open WHERE txid = ANY($1::text[])"
         self._logged = f"SELECT txid FROM {s}.log WHERE kind = 'begin' AND txid = ANY($1::text[])"
+        # Cluster mode.
+        self._insert_log_fenced = (
+            f"INSERT INTO {s}.log({_ROWS}, shard, token, node) SELECT *, $7::text FROM"
+            " unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[], $5::int[], $6::bigint[])"
+        )
+        self._insert_open_fenced = (
+            f"INSERT INTO {s}.txn_open(txid, shard) SELECT * FROM unnest($1::text[], $2::int[])"
+        )
+        self._reopen_fenced = f"{self._insert_open_fenced} ON CONFLICT DO NOTHING"
+        self._lock_leases = (
+            f"SELECT shard, token FROM {s}.shard_lease WHERE shard = ANY($1::int[])"
+            " ORDER BY shard FOR SHARE"
+        )
+        self._take_inbox = f"DELETE FROM {s}.inbox WHERE txid = ANY($1::text[])"
 
     # ------------------------------------------------------------ lifecycle
 
@@ -179,9 +246,14 @@ class PostgresStore(Store):
             raise
         # If the log cannot be read back (StoreError naming the transaction),
         # the store stays open for reads (to inspect it) but refuses appends.
-        for snap in await self.load_active():
-            self._txns.open[snap.txid] = (snap.status, snap.decision)
-        await self._load_parked()
+        # A cluster node adopts the open transactions of a shard when it
+        # acquires the shard (load_active(shards=...), then adopt); a store
+        # that only reads a cluster's log needs neither.
+        if self._fence is None and self._refuse is None:
+            for snap in await self.load_active():
+                self._txns.open[snap.txid] = (snap.status, snap.decision)
+        if self._refuse is None:
+            await self._load_parked()
         self._loop = asyncio.get_running_loop()
         self._closed = False
 
@@ -212,6 +284,20 @@ class PostgresStore(Store):
                     " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                     str(SCHEMA_VERSION),
                 )
+                meta = dict(await conn.fetch(f"SELECT key, value FROM {s}.meta"))
+                if "shard_columns" not in meta:
+                    for statement in _SHARD_COLUMNS:
+                        await conn.execute(statement.format(s=s))
+                    await conn.execute(
+                        f"INSERT INTO {s}.meta(key, value) VALUES ('shard_columns', '1')"
+                    )
+                if "cluster_shards" in meta:
+                    self.cluster_shards = int(meta["cluster_shards"])
+                    if self._fence is None:
+                        self._refuse = (
+                            f"schema {s} holds the log of a cluster of {self.cluster_shards}"
+                            " shards: only its nodes write to it (accord cluster node)"
+                        )
         except (*_TRANSIENT, asyncpg.PostgresError) as exc:
             raise StoreError(f"schema {s}: cannot open the log: {exc}") from exc
 
@@ -261,9 +347,23 @@ class PostgresStore(Store):
             raise StoreError(f"log writer failed: {self._failed}") from self._failed
         if self._closed:
             raise StoreError("log writer is closed")
+        fence = self._fence
+        stamp = None
+        if fence is not None:
+            stamp = fence.stamp(record.txid)
+            if stamp is None:
+                raise Fenced(
+                    f"not written: this node does not hold the lease of shard"
+                    f" {fence.shard_of(record.txid)} (any more)",
+                    txid=record.txid,
+                )
+        elif self._refuse is not None:
+            raise StoreError(self._refuse, txid=record.txid)
         row = self._txns.admit(record, None)
         if row is None:
             return
+        if stamp is not None:
+            row = type(row)((*row, *stamp))  # keeps Note / Reopen
         self._buf.append(row)
         if not self._scheduled and self._task is None:
             self._scheduled = True
@@ -297,9 +397,10 @@ class PostgresStore(Store):
     async def _flush(self, batch: builtins.list[tuple[Any, ...]], done: Completion[Any]) -> None:
         started = time.perf_counter()
         try:
-            rejected, violations = await self._commit_with_retries(batch)
+            rejected, violations, stale = await self._commit_with_retries(batch)
         except BaseException as exc:  # reported to every waiter
-            log.error("accord-pg-flush: giving up: %s", exc)
+            if not isinstance(exc, asyncio.CancelledError):
+                log.error("accord-pg-flush: giving up: %s", exc)
             self._failed = exc
             err = exc if isinstance(exc, StoreError) else StoreError(f"log write failed: {exc}")
             self._task = self._inflight = None
@@ -328,19 +429,32 @@ class PostgresStore(Store):
                     kept.append(r)
             self._buf = kept
         self._task = self._inflight = None
+        if stale:
+            self._report_fenced(stale)
         done.set_result(frozenset(rejected))
         if self._buf and not self._scheduled and self._failed is None:
             self._scheduled = True
             assert self._loop is not None
             self._loop.call_soon(self._start_flush)
 
-    async def _commit_with_retries(
-        self, batch: builtins.list[tuple[Any, ...]]
-    ) -> tuple[set[str], builtins.list[str]]:
+    def _report_fenced(self, stale: builtins.list[tuple[Any, ...]]) -> None:
+        """Tell the fence which rows the database refused (before any waiter
+        of the batch carries on, so that their runs are stopped first)."""
+        self.fenced_records += len(stale)
+        txids = frozenset(r[0] for r in stale)
+        log.warning("accord-pg-flush: %d records of %d transactions fenced", len(stale), len(txids))
+        if self._fence is None:
+            return
+        try:
+            self._fence.fenced({(r[4], r[5]) for r in stale}, txids)
+        except Exception:  # the batch's other waiters must still resume
+            log.exception("fence callback failed")
+
+    async def _commit_with_retries(self, batch: builtins.list[tuple[Any, ...]]) -> _BatchResult:
         delay = 0.05
         # (PostgreSQL transaction id, result) of an attempt whose COMMIT was
         # sent but not acknowledged: it may have committed.
-        doubt: tuple[int, tuple[set[str], builtins.list[str]]] | None = None
+        doubt: tuple[int, _BatchResult] | None = None
         for attempt in range(self.retries):
             try:
                 if doubt is not None:
@@ -379,11 +493,13 @@ class PostgresStore(Store):
                 raise StoreError(f"log write failed: {exc}") from exc
         raise AssertionError("unreachable")
 
-    async def _write_batch(
-        self, conn: Any, rows: builtins.list[tuple[Any, ...]]
-    ) -> tuple[set[str], builtins.list[str]]:
+    async def _write_batch(self, conn: Any, rows: builtins.list[tuple[Any, ...]]) -> _BatchResult:
         """Runs inside the batch's transaction. Returns (ids whose Begin was
-        refused because they exist already, violations of unknown notes)."""
+        refused because they exist already, violations of unknown notes, rows
+        refused by the fence)."""
+        stale: builtins.list[tuple[Any, ...]] = []
+        if self._fence is not None:
+            rows, stale = await self._check_fence(conn, rows)
         notes = {r[0] for r in rows if type(r) is Note}
         logged: set[str] = set()
         if notes:
@@ -405,11 +521,38 @@ class PostgresStore(Store):
         if closed:
             await conn.execute(self._close_open, closed)
         if reopened:
-            await conn.execute(self._reopen, reopened)
-        return rejected, violations
+            if self._fence is None:
+                await conn.execute(self._reopen, reopened)
+            else:
+                shard = {r[0]: r[4] for r in written}
+                await conn.execute(self._reopen_fenced, reopened, [shard[t] for t in reopened])
+        if self._fence is not None:
+            # A submission waiting in the cluster's inbox is taken once its
+            # Begin is in the log (or refused because the id is there already).
+            taken = [r[0] for r in written if r[1] == "begin"] + builtins.list(rejected)
+            if taken:
+                await conn.execute(self._take_inbox, taken)
+        return rejected, violations, stale
+
+    async def _check_fence(
+        self, conn: Any, rows: builtins.list[tuple[Any, ...]]
+    ) -> tuple[builtins.list[tuple[Any, ...]], builtins.list[tuple[Any, ...]]]:
+        """(rows to write, rows refused): a row is written only if its token
+        is its shard's current one. The lease rows stay share-locked until the
+        batch commits, so no takeover can commit in between."""
+        shards = sorted({r[4] for r in rows})
+        current = dict(await conn.fetch(self._lock_leases, shards))
+        kept: builtins.list[tuple[Any, ...]] = []
+        stale: builtins.list[tuple[Any, ...]] = []
+        for r in rows:
+            (kept if current.get(r[4]) == r[5] else stale).append(r)
+        return kept, stale
 
     async def _insert(self, conn: Any, rows: Sequence[tuple[Any, ...]]) -> None:
         if not rows:
+            return
+        if self._fence is not None:
+            await self._insert_fenced(conn, rows)
             return
         await conn.execute(
             self._insert_log,
@@ -421,6 +564,45 @@ class PostgresStore(Store):
         begins = [r[0] for r in rows if r[1] == "begin"]
         if begins:
             await conn.execute(self._insert_open, begins)
+
+    async def _insert_fenced(self, conn: Any, rows: Sequence[tuple[Any, ...]]) -> None:
+        assert self._fence is not None
+        await conn.execute(
+            self._insert_log_fenced,
+            [r[0] for r in rows],
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            [r[3] for r in rows],
+            [r[4] for r in rows],
+            [r[5] for r in rows],
+            self._fence.node,
+        )
+        begins = [r for r in rows if r[1] == "begin"]
+        if begins:
+            await conn.execute(
+                self._insert_open_fenced, [r[0] for r in begins], [r[4] for r in begins]
+            )
+
+    @property
+    def failed(self) -> BaseException | None:
+        """Why the writer gave up for good (None while it works)."""
+        return self._failed
+
+    def terminate(self) -> None:
+        """Stop at once, as a killed process would: nothing pending is
+        written, every waiter fails, the connections are cut."""
+        self._closed = True
+        gone = StoreError("the log writer was terminated")
+        if self._failed is None:
+            self._failed = gone
+        if self._task is not None:
+            self._task.cancel()
+        waiting, self._done = self._done, None
+        if waiting is not None:
+            waiting.set_exception(gone)
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.terminate()
 
     def stats(self) -> StoreStats:
         return StoreStats(
@@ -467,14 +649,39 @@ class PostgresStore(Store):
         except (*_TRANSIENT, asyncpg.PostgresError) as exc:
             raise StoreError(f"schema {self.schema}: cannot read the log: {exc}") from exc
 
-    async def load_active(self) -> builtins.list[TxnSnapshot]:
+    async def load_active(
+        self, shards: Collection[int] | None = None
+    ) -> builtins.list[TxnSnapshot]:
+        """Every transaction not yet terminal; with ``shards``, only those of
+        these shards (a cluster's log)."""
         s = self.schema
-        rows = await self._fetch(
+        sql = (
             f"SELECT l.txid, l.kind, l.at_ms, l.body FROM {s}.txn_open o"
-            f" JOIN {s}.log l ON l.txid = o.txid ORDER BY l.seq"
+            f" JOIN {s}.log l ON l.txid = o.txid"
         )
+        if shards is None:
+            rows = await self._fetch(f"{sql} ORDER BY l.seq")
+        else:
+            rows = await self._fetch(
+                f"{sql} WHERE o.shard = ANY($1::int[]) ORDER BY l.seq", sorted(shards)
+            )
         # txn_open and the records must agree; if they do not, the records win.
         return [snap for snap in fold_rows(rows) if not snap.status.terminal]
+
+    def adopt(self, snaps: Iterable[TxnSnapshot]) -> None:
+        """Cluster mode: admit records of these open transactions (just read
+        with ``load_active(shards=...)``); what this process knows wins."""
+        for snap in snaps:
+            self._txns.open.setdefault(snap.txid, (snap.status, snap.decision))
+
+    def forget(self, shards: Collection[int]) -> None:
+        """Cluster mode: these shards are no longer this node's; what it knew
+        of their open transactions is stale from now on."""
+        fence = self._fence
+        if fence is None:
+            return
+        for txid in [t for t in self._txns.open if fence.shard_of(t) in shards]:
+            del self._txns.open[txid]
 
     async def get(self, txid: str) -> TxnSnapshot | None:
         rows = await self._fetch(
@@ -518,4 +725,4 @@ class PostgresStore(Store):
         return [snap async for snap in self._scan(sql)]
 
 
-__all__ = ["PostgresStore"]
+__all__ = ["Fence", "PostgresStore"]

@@ -1,0 +1,258 @@
+"""Submissions waiting for their shard's owner, and clients that submit.
+
+A transaction may be submitted to any node, or by a process that is no node
+at all (:class:`ClusterClient`). If the submitting node does not own the
+transaction's shard, the spec goes into the ``inbox`` table: the insert's
+commit is the submission's acceptance, durable from then on. The shard's
+owner picks it up (woken by ``NOTIFY``, or by polling), and writes its
+``Begin``; the batch that writes the Begin deletes the inbox row in the same
+PostgreSQL transaction, so a submission is begun once, whoever owns the shard
+when it is picked up. Its outcome is read from the log.
+
+Acceptance checks the id first: an id already in the log or in the inbox with
+a different spec is refused (:class:`~accord.errors.DuplicateTransaction`);
+with the same spec the submission is the same transaction. The check and the
+pickup can race (a different spec accepted in the inbox while another node
+begins the id): the owner then finds the id begun and drops the inbox row,
+and the waiter, comparing specs, reports the conflict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import time
+from collections.abc import Collection, Sequence
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]
+import msgspec
+
+from accord.cluster.leases import _TRANSIENT, check_schema, inbox_channel
+from accord.cluster.shards import shard_of
+from accord.coordinator import TxnResult
+from accord.core.spec import TransactionSpec
+from accord.errors import AccordError, DuplicateTransaction, InvalidTransaction, StoreError
+from accord.log.postgres import PostgresStore
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
+
+MAX_BATCH = 10_000
+
+
+def spec_bytes(spec: TransactionSpec) -> bytes:
+    return _encode(spec.to_dict())
+
+
+def spec_from_bytes(blob: bytes) -> TransactionSpec:
+    try:
+        return TransactionSpec.from_dict(_decode(blob))
+    except (msgspec.DecodeError, InvalidTransaction, TypeError, ValueError) as exc:
+        raise StoreError(f"unreadable spec in the inbox: {exc}") from exc
+
+
+class Inbox:
+    """The inbox table of one cluster, over a small pool of its own."""
+
+    def __init__(self, dsn: str, schema: str, shards: int, *, via: str = "client") -> None:
+        self.dsn = dsn
+        self.schema = check_schema(schema)
+        self.shards = shards
+        self.via = via
+        self._pool: Any = None
+        s = self.schema
+        self._begun = f"SELECT txid, body FROM {s}.log WHERE kind = 'begin' AND txid = ANY($1)"
+        self._insert = (
+            f"INSERT INTO {s}.inbox(txid, shard, spec, via)"
+            " SELECT u.txid, u.shard, u.spec, $4"
+            " FROM unnest($1::text[], $2::int[], $3::bytea[]) AS u(txid, shard, spec)"
+            " ON CONFLICT (txid) DO NOTHING RETURNING txid"
+        )
+        self._waiting = f"SELECT txid, spec FROM {s}.inbox WHERE txid = ANY($1)"
+        self._take = (
+            f"SELECT txid, spec FROM {s}.inbox WHERE shard = ANY($1::int[])"
+            " ORDER BY submitted_at LIMIT $2"
+        )
+
+    async def open(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn,
+                min_size=1,
+                max_size=2,
+                timeout=10,
+                server_settings={"application_name": f"accord-inbox:{self.schema}"},
+            )
+        except (*_TRANSIENT, asyncpg.PostgresError) as exc:
+            raise StoreError(f"cannot connect to the inbox of {self.schema}: {exc!r}") from exc
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), 5)
+            except TimeoutError:
+                pool.terminate()
+
+    def terminate(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.terminate()
+
+    async def _call(self, what: str, fn: Any) -> Any:
+        if self._pool is None:
+            raise StoreError("the inbox is closed")
+        for attempt in (1, 2):  # once more on a new connection if the first broke
+            try:
+                async with self._pool.acquire() as conn:
+                    try:
+                        return await fn(conn)
+                    except _TRANSIENT:
+                        conn.terminate()
+                        raise
+            except _TRANSIENT as exc:
+                if attempt == 2:
+                    raise StoreError(f"{what}: {exc!r}") from exc
+            except asyncpg.PostgresError as exc:
+                raise StoreError(f"{what}: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    async def put(self, specs: Sequence[TransactionSpec]) -> None:
+        """Accept ``specs`` durably (all or none). An id that exists with a
+        different spec (in the log or waiting here) refuses the whole batch."""
+        if not specs:
+            return
+        if len(specs) > MAX_BATCH:
+            raise ValueError(f"at most {MAX_BATCH} submissions at once, got {len(specs)}")
+        blobs = {spec.id: spec_bytes(spec) for spec in specs}
+        if len(blobs) != len(specs):
+            raise DuplicateTransaction("the same id twice in one submission")
+
+        async def go(conn: Any) -> None:
+            async with conn.transaction():
+                ids = builtins.list(blobs)
+                begun = set()
+                for txid, body in await conn.fetch(self._begun, ids):
+                    logged = _encode(TransactionSpec.from_dict(_decode(body)["spec"]).to_dict())
+                    if logged != blobs[txid]:
+                        raise _conflict(txid)
+                    begun.add(txid)
+                rest = [t for t in ids if t not in begun]
+                if not rest:
+                    return
+                inserted = await conn.fetch(
+                    self._insert,
+                    rest,
+                    [shard_of(t, self.shards) for t in rest],
+                    [blobs[t] for t in rest],
+                    self.via,
+                )
+                taken = {r[0] for r in inserted}
+                others = [t for t in rest if t not in taken]
+                if others:
+                    for txid, blob in await conn.fetch(self._waiting, others):
+                        if bytes(blob) != blobs[txid]:
+                            raise _conflict(txid)
+                await conn.execute("SELECT pg_notify($1, '')", inbox_channel(self.schema))
+
+        await self._call("cannot submit to the inbox", go)
+
+    async def take(self, shards: Collection[int], limit: int) -> list[tuple[str, bytes]]:
+        """The oldest submissions waiting in these shards (they stay in the
+        inbox until their Begin is written)."""
+        if not shards or limit <= 0:
+            return []
+
+        async def go(conn: Any) -> list[tuple[str, bytes]]:
+            rows = await conn.fetch(self._take, sorted(shards), limit)
+            return [(r[0], bytes(r[1])) for r in rows]
+
+        taken: list[tuple[str, bytes]] = await self._call("cannot read the inbox", go)
+        return taken
+
+
+def _conflict(txid: str) -> DuplicateTransaction:
+    return DuplicateTransaction(f"transaction {txid!r} exists with a different spec", txid=txid)
+
+
+async def outcome(
+    store: PostgresStore, spec: TransactionSpec, *, timeout_s: float | None = None
+) -> TxnResult:
+    """Wait until ``spec``'s transaction is terminal in the log, polling."""
+    started = time.monotonic()
+    delay = 0.02
+    want = spec_bytes(spec)
+    while True:
+        try:
+            snap = await store.get(spec.id)
+        except StoreError:
+            snap = None  # the database is away: keep waiting
+        if snap is not None:
+            if spec_bytes(snap.spec) != want:
+                raise _conflict(spec.id)
+            if snap.status.terminal:
+                latency_s = time.monotonic() - started
+                return TxnResult(spec.id, snap.status, snap.reason, snap.branches, latency_s)
+        if timeout_s is not None and time.monotonic() - started > timeout_s:
+            raise TimeoutError(f"transaction {spec.id!r} is not terminal after {timeout_s} s")
+        await asyncio.sleep(delay)
+        delay = min(delay * 1.5, 0.5)
+
+
+class ClusterClient:
+    """Submits transactions to a cluster without being one of its nodes.
+
+    ::
+
+        async with ClusterClient("postgresql://...", schema="accord") as client:
+            await client.submit_many(specs)          # accepted: durable from here on
+            result = await client.result(specs[0])   # read from the log
+    """
+
+    def __init__(self, dsn: str, *, schema: str = "accord") -> None:
+        self.dsn = dsn
+        self.schema = check_schema(schema)
+        self.store = PostgresStore(dsn, schema=schema, pool_size=2)
+        self.inbox: Inbox | None = None
+
+    async def open(self) -> None:
+        await self.store.open()
+        shards = self.store.cluster_shards
+        if shards is None:
+            await self.store.close()
+            raise StoreError(
+                f"schema {self.schema} is not a cluster's log yet: start a node on it first"
+            )
+        self.inbox = Inbox(self.dsn, self.schema, shards)
+        await self.inbox.open()
+
+    async def close(self) -> None:
+        if self.inbox is not None:
+            await self.inbox.close()
+        await self.store.close()
+
+    async def __aenter__(self) -> ClusterClient:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def submit_many(self, specs: Sequence[TransactionSpec]) -> None:
+        """Accept ``specs`` (all or none); their owners will drive them."""
+        if self.inbox is None:
+            raise AccordError("the client is not open")
+        for start in range(0, len(specs), MAX_BATCH):
+            await self.inbox.put(specs[start : start + MAX_BATCH])
+
+    async def submit(self, spec: TransactionSpec) -> TxnResult:
+        """Submit ``spec`` and wait until it is terminal."""
+        await self.submit_many([spec])
+        return await self.result(spec)
+
+    async def result(self, spec: TransactionSpec, *, timeout_s: float | None = None) -> TxnResult:
+        return await outcome(self.store, spec, timeout_s=timeout_s)
+
+
+__all__ = ["ClusterClient", "Inbox", "outcome", "spec_bytes", "spec_from_bytes"]
