@@ -44,8 +44,9 @@ class FakeParticipants:
     """In-process participants by name, idempotent per (txid, branch, op).
 
     ``mode[name]`` picks how one answers: ``ok``, ``refuse`` (business
-    refusal), ``fail`` (transient error, every time), ``hang`` (never
-    answers; its reply is resolved by :meth:`release`)."""
+    refusal), ``fail`` (transient error, every time), ``fail_phase2``
+    (tries succeed, confirms and cancels fail), ``hang`` (never answers;
+    its reply is resolved by :meth:`release`)."""
 
     def __init__(self, names: tuple[str, ...] = SERVICES) -> None:
         self.mode: dict[str, str] = dict.fromkeys(names, "ok")
@@ -59,7 +60,7 @@ class FakeParticipants:
             mode = self.mode.get(name, "ok")
             if mode == "refuse" and call.op in ("try", "action"):
                 return Reply(Outcome.REFUSED, error=f"{name} refuses")
-            if mode == "fail":
+            if mode == "fail" or (mode == "fail_phase2" and call.op not in ("try", "action")):
                 return Reply(Outcome.TRANSIENT, error=f"{name} is down")
             if mode == "hang":
                 fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
@@ -113,14 +114,17 @@ class LiveServer:
         return self.run(wrapped(), timeout_s)
 
 
-def order_body(txid: str | None = None, *, protocol: str = "tcc", **extra: Any) -> dict[str, Any]:
-    """A four-branch transaction against the fake participants (by name)."""
+def order_body(
+    txid: str | None = None, *, protocol: str = "tcc", prefix: str = "", **extra: Any
+) -> dict[str, Any]:
+    """A four-branch transaction against the fake participants (by name,
+    after ``prefix``)."""
     body: dict[str, Any] = {
         "protocol": protocol,
         "branches": [
             {
                 "name": name,
-                "participant": name,
+                "participant": prefix + name,
                 "payload": {"n": i},
                 "retry": {
                     "initial_interval_s": 0.01,
@@ -135,6 +139,14 @@ def order_body(txid: str | None = None, *, protocol: str = "tcc", **extra: Any) 
     if txid is not None:
         body["id"] = txid
     return body
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 20.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what or predicate}")
+        time.sleep(0.02)
 
 
 @contextlib.contextmanager
@@ -162,6 +174,16 @@ def start_live_server(
         drain_timeout_s=drain_timeout_s,
     )
     app = create_app(coordinator, config)
+    with serve_in_thread(app) as (url, loop, server):
+        yield LiveServer(url, token, coordinator, app, participants, loop, server)
+
+
+@contextlib.contextmanager
+def serve_in_thread(
+    app: Any,
+) -> Iterator[tuple[str, asyncio.AbstractEventLoop, uvicorn.Server]]:
+    """Serve an ASGI app with uvicorn on a free 127.0.0.1 port, in a thread;
+    yields (url, the server's loop, the server); stops it (gracefully) on exit."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -181,7 +203,7 @@ def start_live_server(
         except BaseException as exc:  # noqa: BLE001 - reported to the test
             failure.append(exc)
 
-    thread = threading.Thread(target=main, name="accord-live-server", daemon=True)
+    thread = threading.Thread(target=main, name="accord-test-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + START_TIMEOUT_S
     while not server.started:
@@ -191,11 +213,8 @@ def start_live_server(
         if time.monotonic() > deadline:
             raise TimeoutError("the server did not start")
         time.sleep(0.01)
-    live = LiveServer(
-        f"http://127.0.0.1:{port}", token, coordinator, app, participants, loops[0], server
-    )
     try:
-        yield live
+        yield f"http://127.0.0.1:{port}", loops[0], server
     finally:
         server.should_exit = True
         thread.join(30)

@@ -1,4 +1,4 @@
-"""``accord demo | recover | verify | txn list | txn show``."""
+"""``accord demo | recover | verify | services | serve | txn ...``."""
 
 from __future__ import annotations
 
@@ -18,12 +18,15 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from accord.cli import remote
 from accord.core.records import TxnStatus
 from accord.errors import AccordError
 from accord.log import MemoryStore, Store, open_store
+from accord.server.limits import Limits
+from accord.server.run import ServeOptions, load_keys, load_tokens, serve_forever
 from accord.sim.demo import DemoConfig, recover_run, run_demo, verify_run
 from accord.sim.http_demo import load_secret, new_secret
-from accord.sim.http_shop import Faults, build_app, create_databases
+from accord.sim.http_shop import KEY_ID, Faults, build_app, create_databases
 from accord.sim.http_shop_pg import PgShop
 from accord.sim.workload import ShopConfig, Workload
 
@@ -34,6 +37,7 @@ app = typer.Typer(
 )
 txn_app = typer.Typer(help="Inspect the transactions in a log.", no_args_is_help=True)
 app.add_typer(txn_app, name="txn")
+remote.register(txn_app)
 
 err = Console(stderr=True)
 out = Console()
@@ -251,6 +255,91 @@ def services_command(
 
 
 @app.command()
+def serve(
+    data: Annotated[
+        Path | None, typer.Option(help="Directory of the log (coordinator.db) and API token.")
+    ] = None,
+    store: Annotated[
+        str, typer.Option(help="Log URL instead: sqlite:///PATH or postgresql://...")
+    ] = "",
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8600,
+    keys: Annotated[
+        Path | None,
+        typer.Option(help="JSON: participant URL prefix -> {key_id, secret (hex)}."),
+    ] = None,
+    services_url: Annotated[
+        str, typer.Option(help="The shop of `accord services` (signed with --secret-file).")
+    ] = "",
+    secret_file: Annotated[
+        Path | None, typer.Option(help="With --services-url: their hex shared secret.")
+    ] = None,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Allowed participant URL prefix (repeat): scheme://host:port/path;"
+            " host may be *.domain, port may be *."
+        ),
+    ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(help="API tokens, one a line (default DATA/api-token, created if missing)."),
+    ] = None,
+    no_auth: Annotated[
+        bool, typer.Option("--no-auth", help="No API token (only behind your own auth).")
+    ] = False,
+    max_in_flight: Annotated[int, typer.Option(help="Transactions driven at once.")] = 1000,
+    drain_timeout: Annotated[
+        float, typer.Option(help="On SIGTERM, seconds to let in-flight work finish.")
+    ] = 10.0,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body.")] = 1024 * 1024,
+    max_wait: Annotated[float, typer.Option(help="Longest ?wait=true, in seconds.")] = 30.0,
+) -> None:
+    """Run the coordinator as an HTTP service (REST API, see docs/api.md)."""
+    if not 0 < port < 65536:
+        _fail(f"--port must be between 1 and 65535, got {port}")
+    if (data is None) == (not store):
+        _fail("give --data DIR or --store URL (one of them)")
+    if not 1 <= max_in_flight <= 100_000:
+        _fail("--max-in-flight must be between 1 and 100000")
+    if bool(services_url) != (secret_file is not None):
+        _fail("--services-url and --secret-file go together")
+    try:
+        if data is not None:
+            data.mkdir(parents=True, exist_ok=True)
+            store_url = f"sqlite://{(data / 'coordinator.db').resolve()}"
+        else:
+            store_url = store
+            open_store(store_url)  # validate the URL before anything starts
+        signing = load_keys(keys) if keys is not None else {}
+        if services_url and secret_file is not None:
+            signing[services_url.rstrip("/")] = (KEY_ID, load_secret(secret_file))
+        tokens: tuple[str, ...] = ()
+        token_path = token_file or (data / "api-token" if data is not None else None)
+        if not no_auth:
+            if token_path is None:
+                raise ValueError("with --store, give --token-file (or --no-auth)")
+            tokens = load_tokens(token_path, create=True)
+        options = ServeOptions(
+            store_url=store_url,
+            host=host,
+            port=port,
+            keys=signing,
+            allow=tuple(allow or ()),
+            tokens=tokens,
+            require_auth=not no_auth,
+            max_in_flight=max_in_flight,
+            drain_timeout_s=drain_timeout,
+            limits=Limits(max_body_bytes=max_body_bytes, max_wait_s=max_wait),
+        )
+    except (OSError, ValueError) as exc:
+        _fail(str(exc))
+    where = "NO AUTHENTICATION" if no_auth else f"token in {token_path}"
+    err.print(f"accord serve on http://{host}:{port} (log {store_url}; {where})")
+    serve_forever(options)
+
+
+@app.command()
 def recover(
     data: Annotated[Path, typer.Option(help="Directory of an interrupted demo run.")],
     fault_rate: Annotated[float, typer.Option(help="Faults to inject while recovering.")] = 0.0,
@@ -301,10 +390,22 @@ def txn_list(
     store: Annotated[str, typer.Option(help="Log URL (sqlite:///PATH, postgresql://...).")] = "",
     state: Annotated[str, typer.Option(help="Only this status.")] = "",
     limit: Annotated[int, typer.Option(help="At most this many.")] = 50,
-    after: Annotated[str, typer.Option(help="Start after this id (paging).")] = "",
+    after: Annotated[
+        str, typer.Option(help="Start after this id (paging); with --url, a next_cursor.")
+    ] = "",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+    url: Annotated[str, typer.Option(help="Ask a running server instead.")] = "",
+    since: Annotated[int, typer.Option(help="With --url: created at or after (Unix ms).")] = 0,
+    token: remote.Token = "",
+    token_file: remote.TokenFile = None,
 ) -> None:
-    """List transactions, in id order."""
+    """List transactions, in id order (of a log, or of a server with --url)."""
+    if url:
+        remote.list_remote(
+            url, token, token_file, state=state, limit=limit, after=after,
+            since_ms=since or None, as_json=as_json,
+        )  # fmt: skip
+        return
     status = None
     if state:
         try:
@@ -356,8 +457,14 @@ def txn_show(
     data: Annotated[Path | None, typer.Option(help="Directory of a demo run.")] = None,
     store: Annotated[str, typer.Option(help="Log URL (sqlite:///PATH, postgresql://...).")] = "",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    url: Annotated[str, typer.Option(help="Ask a running server instead.")] = "",
+    token: remote.Token = "",
+    token_file: remote.TokenFile = None,
 ) -> None:
     """Show one transaction: status, decision, branches, history."""
+    if url:
+        remote.show_remote(url, token, token_file, txid, as_json=as_json)
+        return
     log = _open_log(data, store)
 
     async def go() -> Any:

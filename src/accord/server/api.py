@@ -1,7 +1,7 @@
 """The REST API's handlers: submit, inspect and operate transactions.
 
 Every handler either answers with one of the types of
-:mod:`accord.server.schema` or raises :class:`ApiError`, which becomes a
+:mod:`accord.server.schema` or raises :class:`ErrorResponse`, which becomes a
 JSON ``{"error", "code", "field", "limit"}`` with its status. Requests are
 checked in full (size, JSON, types, limits, allow-list, the spec's own
 rules) before anything reaches the coordinator, so a refused request
@@ -30,7 +30,7 @@ from starlette.responses import Response
 from accord.coordinator import Coordinator, TxnResult
 from accord.core import machine
 from accord.core.records import Attempted, BranchSummary, OperatorAction, TxnSnapshot, TxnStatus
-from accord.core.spec import TransactionSpec
+from accord.core.spec import MAX_ID_LENGTH, TransactionSpec
 from accord.errors import (
     AccordError,
     CoordinatorClosed,
@@ -54,7 +54,7 @@ _PAYLOAD_DEPTH = 3
 _ID_RE = re.compile(schema.ID_PATTERN)
 
 
-class ApiError(Exception):
+class ErrorResponse(Exception):
     """An answer other than success: status, code and a message that names
     the field or the limit at fault."""
 
@@ -86,8 +86,8 @@ def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Resp
     return Response(_encode(body), status, headers, media_type="application/json")
 
 
-def _unavailable(message: str) -> ApiError:
-    return ApiError(503, "unavailable", message, retry_after_s=1)
+def _unavailable(message: str) -> ErrorResponse:
+    return ErrorResponse(503, "unavailable", message, retry_after_s=1)
 
 
 @dataclass(slots=True)
@@ -118,6 +118,11 @@ class Api:
         self._drain: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------ lifecycle hooks
+
+    def reset(self) -> None:
+        """A (re)start: recovering, not draining."""
+        self.state = ServerState()
+        self._drain = None
 
     def start_draining(self) -> None:
         self.state.draining = True
@@ -154,8 +159,16 @@ class Api:
         body = _decode(await self._body(request), schema.SubmitIn)
         key = request.headers.get("idempotency-key")
         if key is not None:
+            if not _ID_RE.fullmatch(key) or len(key) > MAX_ID_LENGTH:
+                raise ErrorResponse(
+                    422,
+                    "invalid",
+                    f"Idempotency-Key: must be 1-{MAX_ID_LENGTH} characters of letters,"
+                    " digits and '._:@-', starting with a letter or digit",
+                    field="Idempotency-Key",
+                )
             if body.id is not None and body.id != key:
-                raise ApiError(
+                raise ErrorResponse(
                     422,
                     "invalid",
                     "id: the body's id and the Idempotency-Key header differ",
@@ -205,7 +218,7 @@ class Api:
             except TimeoutError:
                 raise Overloaded("in-flight limit reached", txid=spec.id) from None
         except Overloaded:
-            raise ApiError(
+            raise ErrorResponse(
                 503,
                 "overloaded",
                 f"{coordinator.max_in_flight} transactions in flight (max_in_flight);"
@@ -246,6 +259,7 @@ class Api:
 
     def _wait_params(self, request: Request) -> tuple[bool, float]:
         q = request.query_params
+        _only(q, _WAIT_PARAMS)
         raw = q.get("wait")
         if raw is None:
             wait = False
@@ -254,7 +268,7 @@ class Api:
         elif raw.lower() in ("false", "0"):
             wait = False
         else:
-            raise ApiError(400, "bad_request", "wait: must be true or false", field="wait")
+            raise ErrorResponse(400, "bad_request", "wait: must be true or false", field="wait")
         wait_s = self.limits.max_wait_s
         if "wait_s" in q:
             try:
@@ -262,7 +276,7 @@ class Api:
             except ValueError:
                 wait_s = math.nan
             if not 0 < wait_s <= self.limits.max_wait_s:  # also false for NaN
-                raise ApiError(
+                raise ErrorResponse(
                     400,
                     "bad_request",
                     f"wait_s: must be a number in (0, {self.limits.max_wait_s:g}] (max_wait_s)",
@@ -274,7 +288,7 @@ class Api:
     def _check_limits(self, body: schema.SubmitIn) -> None:
         limits = self.limits
         if len(body.branches) > limits.max_branches:
-            raise ApiError(
+            raise ErrorResponse(
                 422,
                 "limit",
                 f"branches: {len(body.branches)} branches, over the limit of"
@@ -285,7 +299,7 @@ class Api:
         for i, branch in enumerate(body.branches):
             where = f"branches[{i}]"
             if json_depth_exceeds(branch.payload, limits.max_json_depth - _PAYLOAD_DEPTH):
-                raise ApiError(
+                raise ErrorResponse(
                     422,
                     "limit",
                     f"{where}.payload: the request nests deeper than"
@@ -296,9 +310,9 @@ class Api:
             try:
                 size = len(_encode(branch.payload))
             except (TypeError, ValueError, OverflowError) as exc:  # pragma: no cover - JSON in
-                raise ApiError(422, "invalid", f"{where}.payload: {exc}") from None
+                raise ErrorResponse(422, "invalid", f"{where}.payload: {exc}") from None
             if size > limits.max_payload_bytes:
-                raise ApiError(
+                raise ErrorResponse(
                     422,
                     "limit",
                     f"{where}.payload: {size} bytes encoded, over the limit of"
@@ -309,7 +323,7 @@ class Api:
             if self.allow is not None:
                 why = self.allow.check(branch.participant)
                 if why is not None:
-                    raise ApiError(
+                    raise ErrorResponse(
                         422,
                         "participant_not_allowed",
                         f"{where}.participant: {why}",
@@ -340,6 +354,7 @@ class Api:
             raise _unavailable(f"the log is unavailable: {exc}") from None
 
     async def get(self, request: Request) -> Response:
+        _only(request.query_params, ())
         txid = request.path_params["id"]
         snap = await self._get(txid) if _ID_RE.fullmatch(txid) else None
         if snap is None:
@@ -410,12 +425,13 @@ class Api:
 
     async def list(self, request: Request) -> Response:
         q = request.query_params
+        _only(q, _LIST_PARAMS)
         status = None
-        if q.get("state"):
+        if "state" in q:
             try:
                 status = TxnStatus(q["state"])
             except ValueError:
-                raise ApiError(
+                raise ErrorResponse(
                     400,
                     "bad_request",
                     f"state: must be one of {', '.join(schema.STATUSES)}",
@@ -423,7 +439,7 @@ class Api:
                 ) from None
         limit = _int_param(q.get("limit"), "limit", 100, 1, self.limits.max_list_limit)
         since = _int_param(q.get("since"), "since", 0, 0, 2**62)
-        after = _from_cursor(q["cursor"]) if q.get("cursor") else None
+        after = _from_cursor(q["cursor"]) if "cursor" in q else None
         try:
             rows = await self.store.list(status, limit, after, since_ms=since or None)
         except StoreError as exc:
@@ -445,6 +461,7 @@ class Api:
         return _json(200, schema.TxnListOut(items, cursor))
 
     async def stats(self, request: Request) -> Response:
+        _only(request.query_params, ())
         try:
             counts = await self.store.count_by_status()
         except StoreError as exc:
@@ -475,7 +492,7 @@ class Api:
         body = _decode(await self._body(request), schema.ActionIn)
         reason = body.reason.strip()
         if not reason:
-            raise ApiError(422, "invalid", "reason: must not be blank", field="reason")
+            raise ErrorResponse(422, "invalid", "reason: must not be blank", field="reason")
         wait, wait_s = self._wait_params(request)
         if not _ID_RE.fullmatch(txid):
             raise _not_found(txid)
@@ -554,7 +571,7 @@ class Api:
             out = _action_out(txid, action, snap.status, snap.decision, snap.reason)
         return _json(202, out, _location(txid))
 
-    async def _not_applicable(self, txid: str, action: str, rule: str) -> ApiError:
+    async def _not_applicable(self, txid: str, action: str, rule: str) -> ErrorResponse:
         live = self.coordinator.live(txid)
         snap = None if live is not None else await self._get(txid)
         if live is None and snap is None:
@@ -565,10 +582,27 @@ class Api:
         if live is None and snap is not None and not status.terminal:
             detail += ", not driven yet (recovery in progress)"
         message = f"{action}: {rule}; transaction {txid!r} is {detail}"
-        return ApiError(409, "not_applicable", message)
+        return ErrorResponse(409, "not_applicable", message)
 
 
 # ---------------------------------------------------------------- helpers
+
+_WAIT_PARAMS = ("wait", "wait_s")
+_LIST_PARAMS = ("state", "since", "limit", "cursor")
+
+
+def _only(query: Any, allowed: tuple[str, ...]) -> None:
+    """Refuse unknown query parameters: a misspelt ``wiat=true`` must not be ignored."""
+    for name in query:
+        if name not in allowed:
+            shown = name if len(name) <= 40 else name[:40] + "..."
+            known = ", ".join(allowed) or "none"
+            raise ErrorResponse(
+                400,
+                "bad_request",
+                f"unknown query parameter {shown!r} (known: {known})",
+                field=shown,
+            )
 
 
 def _decode(raw: bytes, type_: type[Any]) -> Any:
@@ -579,22 +613,22 @@ def _decode(raw: bytes, type_: type[Any]) -> Any:
         m = _AT.search(text)
         where = m.group(1) if m else None
         message = _AT.sub("", text)
-        raise ApiError(
+        raise ErrorResponse(
             422, "invalid", f"{where or 'body'}: {message}", field=where or None
         ) from None
     except RecursionError:
-        raise ApiError(
+        raise ErrorResponse(
             422, "limit", "body: nested too deep (max_json_depth)", limit="max_json_depth"
         ) from None
     except msgspec.DecodeError as exc:
-        raise ApiError(400, "bad_request", f"body: malformed JSON: {exc}") from None
+        raise ErrorResponse(400, "bad_request", f"body: malformed JSON: {exc}") from None
 
 
 def _spec(body: schema.SubmitIn) -> TransactionSpec:
     try:
         return TransactionSpec.from_dict(msgspec.to_builtins(body))
     except InvalidTransaction as exc:
-        raise ApiError(422, "invalid", str(exc), field=exc.field) from None
+        raise ErrorResponse(422, "invalid", str(exc), field=exc.field) from None
 
 
 def _raise_for(exc: BaseException | None, txid: str) -> None:
@@ -605,12 +639,12 @@ def _raise_for(exc: BaseException | None, txid: str) -> None:
             "the coordinator stopped driving the transaction; it is in the log and will be resumed"
         )
     if isinstance(exc, AccordError):
-        raise ApiError(503, "unavailable", str(exc), retry_after_s=1)
+        raise ErrorResponse(503, "unavailable", str(exc), retry_after_s=1)
     raise exc
 
 
-def _conflict(txid: str) -> ApiError:
-    return ApiError(
+def _conflict(txid: str) -> ErrorResponse:
+    return ErrorResponse(
         409,
         "conflict",
         f"id: transaction {txid!r} already exists with a different body"
@@ -619,13 +653,13 @@ def _conflict(txid: str) -> ApiError:
     )
 
 
-def _not_found(txid: str) -> ApiError:
+def _not_found(txid: str) -> ErrorResponse:
     shown = txid if len(txid) <= 130 else txid[:128] + "..."
-    return ApiError(404, "not_found", f"no transaction {shown!r}")
+    return ErrorResponse(404, "not_found", f"no transaction {shown!r}")
 
 
-def _too_large(limit: int) -> ApiError:
-    return ApiError(
+def _too_large(limit: int) -> ErrorResponse:
+    return ErrorResponse(
         413,
         "too_large",
         f"body: over the limit of {limit} bytes (max_body_bytes)",
@@ -689,14 +723,14 @@ def _decision(name: str | None) -> schema.DecisionName | None:
 
 
 def _int_param(raw: str | None, name: str, default: int, low: int, high: int) -> int:
-    if raw is None or raw == "":
+    if raw is None:
         return default
     try:
         value = int(raw)
     except ValueError:
         value = low - 1
     if not low <= value <= high:
-        raise ApiError(
+        raise ErrorResponse(
             400, "bad_request", f"{name}: must be an integer in [{low}, {high}]", field=name
         )
     return value
@@ -712,7 +746,7 @@ def _from_cursor(cursor: str) -> str:
     except (binascii.Error, ValueError):
         txid = ""
     if not _ID_RE.fullmatch(txid) or len(txid) > 128:
-        raise ApiError(
+        raise ErrorResponse(
             400, "bad_request", "cursor: not a next_cursor from this API", field="cursor"
         )
     return txid

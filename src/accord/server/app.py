@@ -26,7 +26,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from accord.coordinator import Coordinator, Observer
-from accord.server.api import Api, ApiError
+from accord.server.api import Api, ErrorResponse
 from accord.server.auth import BearerAuth, check_token
 from accord.server.history import HistoryObserver
 from accord.server.limits import AllowList, Limits
@@ -120,7 +120,7 @@ def create_app(
         async def endpoint(request: Request) -> Response:
             try:
                 return await handler(request)
-            except ApiError as exc:
+            except ErrorResponse as exc:
                 return exc.response()
 
         return endpoint
@@ -142,6 +142,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         recovery: asyncio.Task[None] | None = None
+        api.reset()
         if config.manage_coordinator:
             await coordinator.start(recover=False)
             recovery = asyncio.ensure_future(_recover(coordinator, api))
@@ -152,11 +153,12 @@ def create_app(
         finally:
             api.start_draining()
             if config.manage_coordinator:
-                await _drain(coordinator, config.drain_timeout_s)
+                left = await _drain(coordinator, config.drain_timeout_s)
                 if recovery is not None and not recovery.done():
                     recovery.cancel()
                     await asyncio.gather(recovery, return_exceptions=True)
                 await coordinator.close()
+                log.info("shutdown: log closed; %d unfinished transactions left in it", left)
             api.state.stopped = True
 
     async def http_error(request: Request, exc: Exception) -> Response:
@@ -195,8 +197,8 @@ async def _recover(coordinator: Coordinator, api: Api) -> None:
     api.state.recovering = False
 
 
-async def _drain(coordinator: Coordinator, timeout_s: float) -> None:
-    """Wait (bounded) until no transaction is in flight."""
+async def _drain(coordinator: Coordinator, timeout_s: float) -> int:
+    """Wait (bounded) until no transaction is in flight; how many still are."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while coordinator.in_flight and loop.time() < deadline:
@@ -206,3 +208,4 @@ async def _drain(coordinator: Coordinator, timeout_s: float) -> None:
             "shutdown: %d transactions still in flight are left in the log for the next start",
             coordinator.in_flight,
         )
+    return coordinator.in_flight

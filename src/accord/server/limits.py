@@ -122,7 +122,8 @@ class AllowList:
         if not url.host:
             return f"{shown!r} has no host"
         if url.user is not None or url.password is not None:
-            return f"{shown!r} must not carry credentials"
+            # Not echoed: the URL holds a secret.
+            return "a participant URL must not carry credentials (user:password@)"
         port = url.port or _DEFAULT_PORTS[scheme]
         path = url.path.rstrip("/")
         if not any(r.matches(scheme, url.host.lower(), port, path) for r in self._rules):

@@ -1,0 +1,471 @@
+"""Clients of the accord server's API: :class:`Client` (async) and :class:`SyncClient`.
+
+::
+
+    async with accord.Client("http://127.0.0.1:8600", token=token) as client:
+        sub = await client.submit(spec, wait=True)      # SubmitOut: status, decision, ...
+        txn = await client.get(sub.id)                  # TxnOut: branches, attempts, ...
+
+Every submit carries an id (the spec's, or a fresh one), which the server
+uses as the idempotency key: a submit that failed on the way (a dropped
+connection, a 503) is retried with the same id, at most ``max_retries``
+times, and can never create a second transaction.
+
+Errors: 404 raises :class:`~accord.TransactionNotFound`, a conflicting id
+:class:`~accord.DuplicateTransaction`, a refused spec
+:class:`~accord.InvalidTransaction` (with its ``field``), an overloaded
+server :class:`~accord.Overloaded` (after the retries); anything else
+:class:`ApiError`, which carries the status, code, field and limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import aiohttp
+import httpx
+import msgspec
+
+from accord.core.spec import TransactionSpec
+from accord.errors import (
+    AccordError,
+    DuplicateTransaction,
+    InvalidTransaction,
+    Overloaded,
+    TransactionNotFound,
+)
+from accord.server.schema import (
+    ActionOut,
+    ErrorOut,
+    StatsOut,
+    SubmitOut,
+    TxnListOut,
+    TxnOut,
+    TxnRowOut,
+)
+
+T = TypeVar("T")
+DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_MAX_RETRIES = 3
+MAX_RETRY_DELAY_S = 5.0
+_encode = msgspec.json.Encoder().encode
+
+
+class ApiError(AccordError):
+    """The server answered with an error no more specific exception describes."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str = "",
+        field: str | None = None,
+        limit: str | None = None,
+        txid: str | None = None,
+    ) -> None:
+        super().__init__(f"HTTP {status}: {message}", txid=txid)
+        self.status = status
+        self.code = code
+        self.field = field
+        self.limit = limit
+        self.retryable = status == 503 or status >= 500
+
+
+# ---------------------------------------------------------------- shared, no I/O
+
+
+def _spec_body(spec: TransactionSpec | Mapping[str, Any], txid: str | None) -> dict[str, Any]:
+    body = spec.to_dict() if isinstance(spec, TransactionSpec) else dict(spec)
+    if txid is not None:
+        body["id"] = txid
+    if not body.get("id"):
+        body["id"] = uuid.uuid4().hex
+    return body
+
+
+def _wait_query(wait: bool, wait_s: float | None) -> dict[str, str]:
+    query = {"wait": "true"} if wait else {}
+    if wait and wait_s is not None:
+        query["wait_s"] = f"{wait_s:g}"
+    return query
+
+
+def _path(txid: str) -> str:
+    return f"/v1/transactions/{quote(txid, safe='')}"
+
+
+def _error(status: int, raw: bytes, txid: str | None) -> AccordError:
+    try:
+        err = msgspec.json.decode(raw, type=ErrorOut)
+        message, code, field, limit = err.error, err.code, err.field, err.limit
+    except msgspec.DecodeError:  # not one of ours (a proxy's page, say)
+        message = raw[:300].decode("utf-8", "replace").strip() or f"HTTP {status}"
+        code, field, limit = "", None, None
+    if status == 404 and code == "not_found":
+        return TransactionNotFound(message, txid=txid)
+    if status == 409 and code == "conflict":
+        return DuplicateTransaction(message, txid=txid)
+    if status == 422 and code == "invalid" and field:
+        prefix = f"{field}: "
+        return InvalidTransaction(field, message.removeprefix(prefix), txid=txid)
+    if status == 503 and code == "overloaded":
+        return Overloaded(message, txid=txid)
+    return ApiError(status, message, code=code, field=field, limit=limit, txid=txid)
+
+
+def _decode(type_: type[T], status: int, raw: bytes, txid: str | None) -> T:
+    if status >= 400:
+        raise _error(status, raw, txid)
+    try:
+        return msgspec.json.decode(raw, type=type_)
+    except msgspec.DecodeError as exc:
+        raise ApiError(status, f"unexpected reply: {exc}", txid=txid) from None
+
+
+def _retry_delay_s(attempt: int, retry_after: str | None) -> float:
+    try:
+        delay_s = float(retry_after) if retry_after else 0.0
+    except ValueError:
+        delay_s = 0.0
+    if not math.isfinite(delay_s):
+        delay_s = 0.0
+    return float(min(max(delay_s, 0.05 * 2.0**attempt), MAX_RETRY_DELAY_S))
+
+
+def _headers(token: str | None) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"} if token else {}
+
+
+# ---------------------------------------------------------------- async
+
+
+class Client:
+    """Async client (aiohttp). Use as ``async with`` or call :meth:`close`."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        max_connections: int = 100,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self._headers = _headers(token)
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.max_retries = max_retries
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                headers=self._headers,
+                timeout=self._timeout,
+                connector=aiohttp.TCPConnector(limit=self._max_connections),
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self._session
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        query: Mapping[str, str] | None = None,
+        extra: Mapping[str, str] | None = None,
+        retry: bool = False,
+    ) -> tuple[int, bytes]:
+        session = self._open()
+        data = _encode(body) if body is not None else None
+        headers = {"content-type": "application/json", **(extra or {})} if data else None
+        attempt = 0
+        while True:
+            try:
+                async with session.request(
+                    method,
+                    self.url + path,
+                    data=data,
+                    params=query,
+                    headers=headers,
+                    allow_redirects=False,
+                ) as resp:
+                    raw = await resp.read()
+                    if resp.status == 503 and retry and attempt < self.max_retries:
+                        await asyncio.sleep(
+                            _retry_delay_s(attempt, resp.headers.get("retry-after"))
+                        )
+                        attempt += 1
+                        continue
+                    return resp.status, raw
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                if not retry or attempt >= self.max_retries:
+                    raise ApiError(0, f"cannot reach {self.url}: {exc!r}") from exc
+                await asyncio.sleep(_retry_delay_s(attempt, None))
+                attempt += 1
+
+    async def submit(
+        self,
+        spec: TransactionSpec | Mapping[str, Any],
+        *,
+        txid: str | None = None,
+        wait: bool = False,
+        wait_s: float | None = None,
+    ) -> SubmitOut:
+        """Submit a transaction (a spec, or its JSON form). ``wait``: answer once
+        it is terminal (or after ``wait_s``, the server's bound by default)."""
+        body = _spec_body(spec, txid)
+        txid = body["id"]
+        status, raw = await self._request(
+            "POST",
+            "/v1/transactions",
+            body=body,
+            query=_wait_query(wait, wait_s),
+            extra={"idempotency-key": txid},
+            retry=True,
+        )
+        return _decode(SubmitOut, status, raw, txid)
+
+    async def get(self, txid: str) -> TxnOut:
+        status, raw = await self._request("GET", _path(txid), retry=True)
+        return _decode(TxnOut, status, raw, txid)
+
+    async def list(
+        self,
+        *,
+        state: str | None = None,
+        since_ms: int | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> TxnListOut:
+        query = {"limit": str(limit)}
+        if state:
+            query["state"] = state
+        if since_ms is not None:
+            query["since"] = str(since_ms)
+        if cursor:
+            query["cursor"] = cursor
+        status, raw = await self._request("GET", "/v1/transactions", query=query, retry=True)
+        return _decode(TxnListOut, status, raw, None)
+
+    async def iter(
+        self, *, state: str | None = None, since_ms: int | None = None, page: int = 100
+    ) -> AsyncIterator[TxnRowOut]:
+        """Every transaction (matching), page after page."""
+        cursor = None
+        while True:
+            got = await self.list(state=state, since_ms=since_ms, limit=page, cursor=cursor)
+            for row in got.items:
+                yield row
+            if got.next_cursor is None:
+                return
+            cursor = got.next_cursor
+
+    async def _action(
+        self, action: str, txid: str, reason: str, wait: bool, wait_s: float | None
+    ) -> ActionOut:
+        status, raw = await self._request(
+            "POST",
+            f"{_path(txid)}/{action}",
+            body={"reason": reason},
+            query=_wait_query(wait, wait_s),
+        )
+        return _decode(ActionOut, status, raw, txid)
+
+    async def retry(
+        self, txid: str, reason: str, *, wait: bool = False, wait_s: float | None = None
+    ) -> ActionOut:
+        return await self._action("retry", txid, reason, wait, wait_s)
+
+    async def abort(
+        self, txid: str, reason: str, *, wait: bool = False, wait_s: float | None = None
+    ) -> ActionOut:
+        return await self._action("abort", txid, reason, wait, wait_s)
+
+    async def resolve(self, txid: str, reason: str) -> ActionOut:
+        return await self._action("resolve", txid, reason, False, None)
+
+    async def stats(self) -> StatsOut:
+        status, raw = await self._request("GET", "/v1/stats", retry=True)
+        return _decode(StatsOut, status, raw, None)
+
+    async def ready(self) -> bool:
+        try:
+            status, _ = await self._request("GET", "/readyz")
+        except ApiError:
+            return False
+        return status == 200
+
+
+# ---------------------------------------------------------------- sync
+
+
+class SyncClient:
+    """The same API, blocking (httpx). Use as ``with`` or call :meth:`close`."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.max_retries = max_retries
+        self._http = httpx.Client(
+            base_url=self.url,
+            headers=_headers(token),
+            timeout=timeout_s,
+            follow_redirects=False,
+        )
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        query: Mapping[str, str] | None = None,
+        extra: Mapping[str, str] | None = None,
+        retry: bool = False,
+    ) -> tuple[int, bytes]:
+        content = _encode(body) if body is not None else None
+        headers = {"content-type": "application/json", **(extra or {})} if content else None
+        attempt = 0
+        while True:
+            try:
+                resp = self._http.request(
+                    method, path, content=content, params=query, headers=headers
+                )
+            except httpx.HTTPError as exc:
+                if not retry or attempt >= self.max_retries:
+                    raise ApiError(0, f"cannot reach {self.url}: {exc!r}") from exc
+                time.sleep(_retry_delay_s(attempt, None))
+                attempt += 1
+                continue
+            if resp.status_code == 503 and retry and attempt < self.max_retries:
+                time.sleep(_retry_delay_s(attempt, resp.headers.get("retry-after")))
+                attempt += 1
+                continue
+            return resp.status_code, resp.content
+
+    def submit(
+        self,
+        spec: TransactionSpec | Mapping[str, Any],
+        *,
+        txid: str | None = None,
+        wait: bool = False,
+        wait_s: float | None = None,
+    ) -> SubmitOut:
+        body = _spec_body(spec, txid)
+        txid = body["id"]
+        status, raw = self._request(
+            "POST",
+            "/v1/transactions",
+            body=body,
+            query=_wait_query(wait, wait_s),
+            extra={"idempotency-key": txid},
+            retry=True,
+        )
+        return _decode(SubmitOut, status, raw, txid)
+
+    def get(self, txid: str) -> TxnOut:
+        status, raw = self._request("GET", _path(txid), retry=True)
+        return _decode(TxnOut, status, raw, txid)
+
+    def list(
+        self,
+        *,
+        state: str | None = None,
+        since_ms: int | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> TxnListOut:
+        query = {"limit": str(limit)}
+        if state:
+            query["state"] = state
+        if since_ms is not None:
+            query["since"] = str(since_ms)
+        if cursor:
+            query["cursor"] = cursor
+        status, raw = self._request("GET", "/v1/transactions", query=query, retry=True)
+        return _decode(TxnListOut, status, raw, None)
+
+    def iter(
+        self, *, state: str | None = None, since_ms: int | None = None, page: int = 100
+    ) -> Iterator[TxnRowOut]:
+        cursor = None
+        while True:
+            got = self.list(state=state, since_ms=since_ms, limit=page, cursor=cursor)
+            yield from got.items
+            if got.next_cursor is None:
+                return
+            cursor = got.next_cursor
+
+    def _action(
+        self, action: str, txid: str, reason: str, wait: bool, wait_s: float | None
+    ) -> ActionOut:
+        status, raw = self._request(
+            "POST",
+            f"{_path(txid)}/{action}",
+            body={"reason": reason},
+            query=_wait_query(wait, wait_s),
+        )
+        return _decode(ActionOut, status, raw, txid)
+
+    def retry(
+        self, txid: str, reason: str, *, wait: bool = False, wait_s: float | None = None
+    ) -> ActionOut:
+        return self._action("retry", txid, reason, wait, wait_s)
+
+    def abort(
+        self, txid: str, reason: str, *, wait: bool = False, wait_s: float | None = None
+    ) -> ActionOut:
+        return self._action("abort", txid, reason, wait, wait_s)
+
+    def resolve(self, txid: str, reason: str) -> ActionOut:
+        return self._action("resolve", txid, reason, False, None)
+
+    def stats(self) -> StatsOut:
+        status, raw = self._request("GET", "/v1/stats", retry=True)
+        return _decode(StatsOut, status, raw, None)
+
+    def ready(self) -> bool:
+        try:
+            status, _ = self._request("GET", "/readyz")
+        except ApiError:
+            return False
+        return status == 200
+
+
+__all__ = ["ApiError", "Client", "SyncClient"]
