@@ -173,11 +173,13 @@ async def test_log_group_commit_is_exported_from_the_store(tmp_path: Path) -> No
     await service.coord.start()
     try:
         await service.coord.run(tcc("first", "ok", "ok"))
+        await store.flush()  # the terminal record is appended, not awaited, by run()
         one = await service.scrape()
         per_txn = value(one, "accord_log_records_total")
         assert per_txn >= 2  # at least Begin and Ended
         futures = [await service.coord.submit(tcc(f"t{i}", "ok", "ok")) for i in range(20)]
         await asyncio.wait_for(asyncio.gather(*futures), 30)
+        await store.flush()
         samples = await service.scrape()
         stats = store.stats()
     finally:
