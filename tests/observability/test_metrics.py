@@ -225,3 +225,23 @@ def test_an_observer_exports_one_coordinator() -> None:
     other = Coordinator(MemoryStore(), InProcessTransport({}))
     with pytest.raises(ValueError, match="another coordinator"):
         metrics_route(other, metrics)
+
+
+async def test_latency_buckets_are_cumulative_and_inclusive() -> None:
+    """A latency equal to a bucket's bound counts in that bucket (le), one above
+    every bound only in +Inf; _sum is the sum of the latencies."""
+    service = Service(MemoryStore())
+    for latency_s in (0.005, 0.0051, 100.0):
+        service.metrics.call_started("t", "b", "try", 1)
+        service.metrics.call_finished("t", "b", "try", 1, "ok", latency_s, "")
+    samples = await service.scrape()
+
+    def bucket(le: str) -> float:
+        return value(
+            samples, "accord_branch_call_duration_seconds_bucket", op="try", outcome="ok", le=le
+        )
+
+    assert (bucket("0.0025"), bucket("0.005"), bucket("0.01"), bucket("30.0")) == (0, 1, 2, 2)
+    assert bucket("+Inf") == 3
+    total = value(samples, "accord_branch_call_duration_seconds_sum", op="try", outcome="ok")
+    assert total == pytest.approx(100.0101)
