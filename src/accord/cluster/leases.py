@@ -208,7 +208,8 @@ class LeaseTable:
             WITH cand AS (
                 SELECT shard FROM {s}.shard_lease
                 WHERE (expires_at < now() OR owner = $1) AND shard <> ALL($3::int[])
-                ORDER BY random() LIMIT $2
+                -- its own first (an acquisition whose reply was lost), then any
+                ORDER BY owner IS NOT DISTINCT FROM $1 DESC, random() LIMIT $2
                 FOR UPDATE SKIP LOCKED
             ), took AS (
                 UPDATE {s}.shard_lease l
@@ -238,8 +239,11 @@ class LeaseTable:
             timeout=self._connect_timeout_s,
             server_settings={
                 "application_name": f"accord-node:{self.schema}:{self.node}"[:63],
-                # A statement stuck behind a lock must not outlive the lease it renews.
+                # A statement stuck behind a lock must not outlive the lease it
+                # renews, and a node paused inside a transaction must not keep
+                # its lease rows locked: others could never take them over.
                 "statement_timeout": str(max(int(self.ttl_s * 500), 500)),
+                "idle_in_transaction_session_timeout": str(max(int(self.ttl_s * 500), 500)),
             },
         )
         if self._on_notify is not None:
@@ -339,6 +343,25 @@ class LeaseTable:
         await self._run("cannot leave the cluster", go)
 
 
+async def read_status(
+    dsn: str, schema: str, ttl_s: float, *, writers: bool = False
+) -> dict[str, Any]:
+    """:func:`cluster_status` on a connection of its own; with ``writers``,
+    also how many log records each node wrote (a scan of the whole log)."""
+    try:
+        conn = await asyncpg.connect(dsn, timeout=10)
+        try:
+            status = await cluster_status(conn, schema, ttl_s)
+            if writers:
+                rows = await conn.fetch(f"SELECT node, count(*) FROM {schema}.log GROUP BY node")
+                status["records_by_node"] = {str(n): int(c) for n, c in rows}
+            return status
+        finally:
+            await conn.close()
+    except (*_TRANSIENT, asyncpg.PostgresError) as exc:
+        raise StoreError(f"cannot read the cluster's status in {schema}: {exc}") from exc
+
+
 async def cluster_status(conn: Any, schema: str, ttl_s: float) -> dict[str, Any]:
     """Who owns what, who is alive, what waits: for ``accord cluster status``."""
     s = check_schema(schema)
@@ -384,4 +407,5 @@ __all__ = [
     "cluster_status",
     "ensure_cluster_schema",
     "inbox_channel",
+    "read_status",
 ]

@@ -151,6 +151,7 @@ class ClusterNode:
             retries=int(STORE_RETRY_S) + 5,
             max_backoff_s=1.0,
             fence=self,
+            idle_in_transaction_timeout_s=ttl_s / 2,
         )
         self.coordinator = Coordinator(
             self.store,

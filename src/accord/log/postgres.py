@@ -169,6 +169,7 @@ class PostgresStore(Store):
         retries: int = 5,
         max_backoff_s: float = 2.0,
         fence: Fence | None = None,
+        idle_in_transaction_timeout_s: float | None = None,
     ) -> None:
         if not _SCHEMA_NAME.match(schema):
             raise ValueError(f"schema must be a plain SQL identifier, got {schema!r}")
@@ -194,6 +195,12 @@ class PostgresStore(Store):
         self._records = 0
         self._commit_seconds = 0.0
         self._fence = fence
+        # A writer paused inside a batch (SIGSTOP, a partition) holds its
+        # lease rows' share locks: past this, PostgreSQL ends its session.
+        self._settings = {"application_name": f"accord-log:{schema}"}
+        if idle_in_transaction_timeout_s is not None:
+            ms = max(int(idle_in_transaction_timeout_s * 1000), 1)
+            self._settings["idle_in_transaction_session_timeout"] = str(ms)
         # Why appends are refused (a cluster's schema opened without a fence).
         self._refuse: str | None = None
         self.cluster_shards: int | None = None  # set on open if the schema is a cluster's
@@ -233,8 +240,8 @@ class PostgresStore(Store):
                 min_size=1,
                 max_size=self.pool_size,
                 timeout=10,
-                # Shows whose connections these are in pg_stat_activity.
-                server_settings={"application_name": f"accord-log:{self.schema}"},
+                # application_name shows whose connections these are in pg_stat_activity.
+                server_settings=self._settings,
             )
         except (*_TRANSIENT, asyncpg.PostgresError) as exc:
             raise StoreError(f"cannot connect to the log at {self.schema}: {exc}") from exc
@@ -466,7 +473,8 @@ class PostgresStore(Store):
                     if verdict == "in progress":  # its backend has not noticed yet
                         raise ConnectionError("the interrupted transaction is still in progress")
                     doubt = None  # aborted (or unknown): write the batch again
-                conn = await self._pool.acquire()
+                pool = self._pool  # terminate() may drop it meanwhile
+                conn = await pool.acquire()
                 state: dict[str, Any] = {}
                 try:
                     async with conn.transaction():
@@ -480,7 +488,7 @@ class PostgresStore(Store):
                         doubt = (state["xid"], state["result"])
                     raise
                 finally:
-                    await self._pool.release(conn)
+                    await pool.release(conn)
             except _RETRYABLE as exc:
                 if isinstance(exc, StoreError) and doubt is None:
                     raise

@@ -1,0 +1,324 @@
+"""Cluster nodes in one process (one event loop), on one PostgreSQL schema and
+one in-memory shop: who drives what, takeover, hand-over, and what a node that
+lost its lease still does (nothing)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from accord.cluster import ClusterClient, ClusterNode
+from accord.cluster.shards import shard_of
+from accord.coordinator import TxnResult
+from accord.core.records import TxnStatus
+from accord.core.spec import Op, Protocol, TransactionSpec
+from accord.errors import DuplicateTransaction
+from accord.sim import invariants
+from accord.sim.faults import FaultConfig
+from accord.sim.shop import Shop
+from accord.sim.workload import ShopConfig, Workload, order_spec
+from accord.transport.base import Call, Reply, Started, Transport
+
+from .conftest import PG_DSN, pg
+
+SHARDS = 16
+TTL_S = 2.0
+
+
+class Recording(Transport):
+    """Notes every call a node sends: (node, txid, op, monotonic time). While
+    ``held`` is set (not yet released), the participants apply what they are
+    sent but the replies reach the node only once it is released, as with a
+    paused process."""
+
+    def __init__(self, inner: Transport, node: str, calls: list[tuple[str, str, Op, float]]):
+        self.inner = inner
+        self.node = node
+        self.calls = calls
+        self.held: asyncio.Event | None = None
+
+    def start(self, call: Call) -> Started:
+        self.calls.append((self.node, call.txid, call.op, time.monotonic()))
+        if self.held is not None:
+            return self._late(call, self.held)
+        return self.inner.start(call)
+
+    async def _late(self, call: Call, held: asyncio.Event) -> Reply:
+        reply = await self.inner.call(call)
+        await held.wait()
+        return reply
+
+    async def call(self, call: Call) -> Reply:
+        return await self.inner.call(call)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+class World:
+    """A shop, its workload and the nodes of one cluster."""
+
+    def __init__(self, schema: str, orders: int, latency_ms: float, seed: int = 5) -> None:
+        self.schema = schema
+        self.workload = Workload(ShopConfig(orders=orders, seed=seed))
+        self.shop = Shop.create(self.workload.initial_state(), None)
+        self.latency_ms = latency_ms
+        self.nodes: dict[str, ClusterNode] = {}
+        self.transports: dict[str, Recording] = {}
+        self.calls: list[tuple[str, str, Op, float]] = []
+        self.specs = [order_spec(o, Protocol.TCC) for o in self.workload.orders]
+
+    async def node(self, name: str, **kw: Any) -> ClusterNode:
+        transport = Recording(
+            self.shop.transport(FaultConfig(0.0, self.latency_ms), len(self.nodes)),
+            name,
+            self.calls,
+        )
+        kw = {"shards": SHARDS, "ttl_s": TTL_S, "max_in_flight": 40, **kw}
+        node = ClusterNode(PG_DSN, transport, node_id=name, schema=self.schema, **kw)
+        self.transports[name] = transport
+        await node.start()
+        self.nodes[name] = node
+        return node
+
+    async def settled(self, *names: str, timeout_s: float = 15.0) -> None:
+        """Until the named nodes together hold every shard, all ready, evenly."""
+        deadline = time.monotonic() + timeout_s
+        target = -(-SHARDS // len(names))
+        while True:
+            owned = [self.nodes[n].owned() for n in names]
+            if (
+                sum(len(o) for o in owned) == SHARDS
+                and all(len(o) <= target for o in owned)
+                and all(state == "ready" for o in owned for state in o.values())
+            ):
+                return
+            assert time.monotonic() < deadline, f"not settled: {[len(o) for o in owned]}"
+            await asyncio.sleep(0.05)
+
+    async def check(self) -> dict[str, Any]:
+        """Every order terminal, the invariants hold."""
+        client = ClusterClient(PG_DSN, schema=self.schema)
+        await client.open()
+        try:
+            snaps = await client.store.snapshots()
+        finally:
+            await client.close()
+        report = invariants.check(self.shop.views(), {s.txid: s for s in snaps})
+        assert report.ok, {k: v[:5] for k, v in report.violations.items() if v}
+        assert report.duplicates_applied == 0
+        return {s.txid: s for s in snaps}
+
+    async def stall(self, name: str) -> tuple[set[int], asyncio.Event]:
+        """Freeze a node as a paused process: its lease loop, watchdog and inbox
+        stop, replies to its calls wait. Returns its shards and the release."""
+        node = self.nodes[name]
+        held = self.transports[name].held = asyncio.Event()
+        for task in list(node._tasks):
+            task.cancel()
+        await asyncio.sleep(0.3)  # its runs are all waiting for a reply now
+        return set(node.owned()), held
+
+    async def close(self) -> None:
+        for held in (t.held for t in self.transports.values()):
+            if held is not None:
+                held.set()
+        for node in self.nodes.values():
+            await node.close(drain=False)
+        await self.shop.close()
+
+
+@pytest.fixture
+async def world(schema: str) -> AsyncIterator[Callable[..., World]]:
+    made: list[World] = []
+
+    def make(orders: int = 120, latency_ms: float = 2.0) -> World:
+        w = World(schema, orders, latency_ms)
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        await w.close()
+
+
+def writers(schema: str) -> dict[str, set[str]]:
+    """txid -> the nodes that wrote its records."""
+    out: dict[str, set[str]] = {}
+    for txid, node in pg(f"SELECT txid, node FROM {schema}.log"):
+        out.setdefault(txid, set()).add(node)
+    return out
+
+
+async def test_a_transaction_submitted_to_any_node_is_driven_by_its_shards_owner(
+    world: Callable[..., World], schema: str
+) -> None:
+    """Orders submitted alternately to two nodes all end; each one's records are all
+    written by the one node that owns its shard."""
+    w = world(orders=120)
+    a, b = await w.node("a"), await w.node("b")
+    await w.settled("a", "b")
+    owner = {s: "a" for s in a.owned()} | {s: "b" for s in b.owned()}
+    futures = [await (a if i % 2 else b).submit(spec) for i, spec in enumerate(w.specs)]
+    results: list[TxnResult] = await asyncio.gather(*futures)
+    assert all(r.status.terminal for r in results)
+    assert {r.status for r in results} >= {TxnStatus.COMMITTED}
+    snaps = await w.check()
+    assert len(snaps) == 120
+    for txid, nodes in writers(schema).items():
+        assert nodes == {owner[shard_of(txid, SHARDS)]}, txid
+    assert a.stats.forwarded > 0 and b.stats.forwarded > 0
+    assert a.stats.inbox_taken + b.stats.inbox_taken == a.stats.forwarded + b.stats.forwarded
+    calls_by = {(node, txid) for node, txid, _, _ in w.calls}
+    assert all((owner[shard_of(t, SHARDS)], t) in calls_by for _, t in calls_by)
+
+
+async def test_resubmitting_an_id_elsewhere_gets_the_same_transaction_or_a_conflict(
+    world: Callable[..., World],
+) -> None:
+    """The same spec through another node yields the first outcome; another spec
+    under that id is refused."""
+    w = world(orders=10)
+    a, b = await w.node("a"), await w.node("b")
+    await w.settled("a", "b")
+    spec = w.specs[0]
+    on_owner, elsewhere = (a, b) if shard_of(spec.id, SHARDS) in a.owned() else (b, a)
+    first = await (await on_owner.submit(spec))
+    again = await (await elsewhere.submit(spec))
+    assert (again.txid, again.status, again.reason) == (first.txid, first.status, first.reason)
+    other = TransactionSpec.from_dict({**spec.to_dict(), "timeout_s": 12})
+    with pytest.raises(DuplicateTransaction, match="different spec"):
+        await elsewhere.submit(other)
+
+
+async def test_a_killed_nodes_shards_are_taken_over_and_its_transactions_finish(
+    world: Callable[..., World], schema: str
+) -> None:
+    """Kill one of three nodes mid-load: within the TTL and a little more its shards
+    belong to the others, every transaction ends, the invariants hold."""
+    w = world(orders=300, latency_ms=20.0)
+    for name in ("a", "b", "c"):
+        await w.node(name)
+    await w.settled("a", "b", "c")
+    async with ClusterClient(PG_DSN, schema=schema) as client:
+        await client.submit_many(w.specs)
+        victim = w.nodes["a"]
+        lost = set(victim.owned())
+        sql = f"SELECT txid FROM {schema}.txn_open WHERE shard = ANY($1)"
+        while len(pg(sql, list(lost))) < 10:
+            await asyncio.sleep(0.01)
+        open_then = {t for (t,) in pg(sql, list(lost))}
+        killed_at = time.monotonic()
+        await victim.kill()
+        while not all(w.nodes["b"].owns([s]) or w.nodes["c"].owns([s]) for s in lost):
+            await asyncio.sleep(0.05)
+        takeover_s = time.monotonic() - killed_at
+        results = await asyncio.gather(*(client.result(s, timeout_s=60) for s in w.specs))
+    assert takeover_s < TTL_S + 2, takeover_s
+    assert all(r.status.terminal for r in results)
+    assert open_then
+    by = writers(schema)
+    assert all(by[t] - {"a"} for t in open_then)  # each was finished by a survivor
+    await w.check()
+
+
+async def test_a_leaving_node_drains_then_hands_its_shards_over(
+    world: Callable[..., World],
+) -> None:
+    """A node that closes lets its running transactions finish first: nothing it
+    drove ends by presumed abort, and the others take its shards at once."""
+    w = world(orders=200, latency_ms=10.0)
+    a, b = await w.node("a"), await w.node("b", drain_s=10.0)
+    await w.settled("a", "b")
+    futures = [await a.submit(spec) for spec in w.specs[:100]]
+    while b.coordinator.in_flight < 5:
+        await asyncio.sleep(0.01)
+    closed_at = time.monotonic()
+    await b.close()
+    while len(a.owned()) < SHARDS:
+        await asyncio.sleep(0.05)
+    assert time.monotonic() - closed_at < 10 + TTL_S  # released, not expired
+    results = await asyncio.gather(*futures)
+    assert not [r for r in results if "presumed abort" in r.reason]
+    assert b.stats.dropped == 0 and b.stats.released > 0
+    await w.check()
+
+
+async def test_a_joining_node_gets_its_share_and_the_others_give_it_up(
+    world: Callable[..., World],
+) -> None:
+    """Rebalancing: one node holds every shard; two join; each ends with about N/3."""
+    w = world(orders=10)
+    await w.node("a")
+    await w.settled("a")
+    await w.node("b")
+    await w.node("c")
+    await w.settled("a", "b", "c", timeout_s=20)
+    counts = sorted(len(n.owned()) for n in w.nodes.values())
+    assert counts[0] >= SHARDS // 3 - 1 and counts[-1] <= -(-SHARDS // 3)
+
+
+async def test_a_node_whose_lease_lapsed_sends_and_writes_nothing_more(
+    world: Callable[..., World], schema: str
+) -> None:
+    """A node whose lease loop stalled (as if paused) stops acting at the end of its
+    trusted period: after another node took its shards over, not one call and not
+    one log row of it for those shards."""
+    w = world(orders=300, latency_ms=30.0)
+    a, b = await w.node("a"), await w.node("b")
+    await w.settled("a", "b")
+    async with ClusterClient(PG_DSN, schema=schema) as client:
+        await client.submit_many(w.specs)
+        while a.coordinator.in_flight < 20:
+            await asyncio.sleep(0.01)
+        stalled, held = await w.stall("a")
+        in_flight = a.coordinator.in_flight
+        while not b.owns(stalled):
+            await asyncio.sleep(0.05)
+        taken_at = time.monotonic()
+        (max_seq,) = pg(f"SELECT max(seq) FROM {schema}.log")[0]
+        held.set()  # "SIGCONT": the replies reach it
+        await asyncio.gather(*(client.result(s, timeout_s=60) for s in w.specs))
+    late_calls = [c for c in w.calls if c[0] == "a" and c[3] > taken_at]
+    assert late_calls == []
+    late_rows = pg(f"SELECT txid FROM {schema}.log WHERE node = 'a' AND seq > $1", max_seq)
+    assert late_rows == []
+    assert in_flight > 0 and a.coordinator.in_flight == 0
+    assert a.stats.refused_appends + a.stats.gated > 0
+    await w.check()
+
+
+async def test_a_node_that_wrongly_trusts_its_lease_is_fenced_by_the_log(
+    world: Callable[..., World], schema: str
+) -> None:
+    """Even a node whose clock lets it believe its lease is still valid (its local
+    check defeated) cannot write after the takeover: the log refuses its rows, it
+    stops those transactions, and no confirm follows a refused decision."""
+    w = world(orders=300, latency_ms=30.0)
+    a, b = await w.node("a"), await w.node("b")
+    await w.settled("a", "b")
+    async with ClusterClient(PG_DSN, schema=schema) as client:
+        await client.submit_many(w.specs)
+        while a.coordinator.in_flight < 20:
+            await asyncio.sleep(0.01)
+        stalled, held = await w.stall("a")
+        for lease in a._leases.values():
+            lease.valid_until = float("inf")  # a broken clock: a never doubts its leases
+        while not b.owns(stalled):
+            await asyncio.sleep(0.05)
+        taken_at = time.monotonic()
+        (max_seq,) = pg(f"SELECT max(seq) FROM {schema}.log")[0]
+        held.set()
+        await asyncio.gather(*(client.result(s, timeout_s=60) for s in w.specs))
+    late_rows = pg(f"SELECT txid FROM {schema}.log WHERE node = 'a' AND seq > $1", max_seq)
+    assert late_rows == []
+    assert a.stats.fenced > 0 and a.store.fenced_records > 0
+    assert not stalled & set(a.owned())  # the refused writes told it: it let them go
+    decided = {t for (t,) in pg(f"SELECT txid FROM {schema}.log WHERE kind = 'decided'")}
+    late_confirms = [c for c in w.calls if c[0] == "a" and c[2] is Op.CONFIRM and c[3] > taken_at]
+    assert all(txid in decided for _, txid, _, _ in late_confirms)
+    await w.check()
