@@ -70,16 +70,18 @@ def page(browser: Browser) -> Iterator[Page]:
     assert problems == [], problems  # no script error, no CSP violation
 
 
-class HtmlErrors(FakeParticipants):
-    """Fake participants whose transient errors carry markup (for XSS checks)."""
+class MarkupErrors(FakeParticipants):
+    """Fake participants whose transient errors carry markup while ``markup`` is on."""
+
+    markup = False
 
     def handler(self, name: str) -> Callable[[Call], Any]:
         inner = super().handler(name)
 
         def handle(call: Call) -> Any:
             reply = inner(call)
-            if isinstance(reply, Reply) and reply.outcome is Outcome.TRANSIENT:
-                return reply._replace(error=f"{XSS} {name} is down")
+            if self.markup and isinstance(reply, Reply) and reply.outcome is Outcome.TRANSIENT:
+                return reply._replace(error=f"{XSS} {reply.error}")
             return reply
 
         return handle
@@ -170,9 +172,9 @@ def test_dashboard_lists_shows_timelines_and_acts(
     tmp_path: Path,
 ) -> None:
     """Sign in with the token, see submitted transactions appear in the list
-    (and the filter work), open one and see one bar per attempt, abort a
-    hanging one, retry a parked one; API text with markup stays text."""
-    participants = HtmlErrors()
+    (and the filter work), open one and see one bar per attempt, retry a
+    parked one, abort a hanging one, resolve another parked one."""
+    participants = MarkupErrors()
     live = live_server_factory(participants=participants)
     api = connect(live)
     sign_in(page, live)
@@ -209,29 +211,28 @@ def test_dashboard_lists_shows_timelines_and_acts(
     )
     assert bars(page) == timeline_of(stuck)
     assert ("shipping", "try", "2", "transient") in bars(page)
-    shipping = page.locator('#branch-rows tr[data-branch="shipping"] td.err')
-    expect(shipping).to_contain_text(f"{XSS} shipping is down")
+    expect(page.locator('#branch-rows tr[data-branch="shipping"] td.err')).to_contain_text(
+        "shipping is down"
+    )
     expect(page.locator("#act-retry")).to_be_visible()
     expect(page.locator("#act-resolve")).to_be_visible()
     expect(page.locator("#act-abort")).to_be_hidden()
 
-    # The operator repairs shipping and retries, with a reason full of markup.
+    # The operator repairs shipping and retries, giving a reason.
     participants.mode["shipping"] = "ok"
     page.click("#act-retry")
-    page.fill("#reason", f"shipping fixed {XSS}")
+    page.fill("#reason", "shipping service restarted")
     page.click("#reason-ok")
     expect(page.locator("#txn-facts .badge")).to_have_text("aborted", timeout=WAIT_MS)
-    expect(page.locator("#operator-actions")).to_contain_text("retry at")
-    expect(page.locator("#operator-actions .reason")).to_have_text(f"shipping fixed {XSS}")
+    expect(page.locator("#operator-actions .reason")).to_have_text("shipping service restarted")
     retried = api.get("dash-stuck")
     assert [(a["action"], a["reason"]) for a in retried["operator_actions"]] == [
-        ("retry", f"shipping fixed {XSS}")
+        ("retry", "shipping service restarted")
     ]
     expect(page.locator("#timeline g.bar")).to_have_count(
         len(timeline_of(retried)), timeout=WAIT_MS
     )
     expect(page.locator("#call-rows tr")).to_have_count(len(timeline_of(retried)))
-    expect(page.locator("#call-rows")).to_contain_text(f"{XSS} shipping is down")
     expect(page.locator("#act-retry")).to_be_hidden()
     expect(page.locator("#c-aborted")).to_have_text("1", timeout=WAIT_MS)  # fresh counters
     screenshot(page, tmp_path, "dashboard.png")
@@ -245,7 +246,7 @@ def test_dashboard_lists_shows_timelines_and_acts(
         1, timeout=WAIT_MS
     )
     page.click("#act-abort")
-    page.fill("#reason", "customer cancelled")
+    page.fill("#reason", f"customer cancelled {XSS}")
     page.click("#reason-ok")
     expect(page.locator("#action-result")).to_contain_text("abort: done")
     participants.mode["payment"] = "ok"
@@ -253,13 +254,35 @@ def test_dashboard_lists_shows_timelines_and_acts(
     expect(page.locator("#txn-facts .badge")).to_have_text("aborted", timeout=WAIT_MS)
     assert api.get("dash-hang")["decision"] == "abort"
     expect(page.locator("#act-abort")).to_be_hidden()
+    expect(page.locator("#operator-actions .reason")).to_have_text(f"customer cancelled {XSS}")
 
-    # Back to the list: filtering by state shows only the aborted two.
+    # Markup in a participant's error stays text; a parked one is resolved.
+    participants.markup = True
+    participants.mode["order"] = "fail"
+    api.submit("dash-markup")
+    parked = api.wait_status("dash-markup", "needs_attention")
+    page.goto(f"{live.url}/#/txn/dash-markup")
+    expect(page.locator("#txn-facts .badge")).to_have_text("needs_attention", timeout=WAIT_MS)
+    expect(page.locator("#timeline g.bar")).to_have_count(len(timeline_of(parked)))
+    expect(page.locator('#branch-rows tr[data-branch="order"] td.err')).to_contain_text(
+        f"{XSS} order is down"
+    )
+    expect(page.locator("#call-rows")).to_contain_text(f"{XSS} order is down")
+    page.click("#act-resolve")
+    page.fill("#reason", "order cancelled by hand in the order service")
+    page.click("#reason-ok")
+    expect(page.locator("#txn-facts .badge")).to_have_text("aborted", timeout=WAIT_MS)
+    resolved = api.get("dash-markup")
+    assert [a["action"] for a in resolved["operator_actions"]] == ["resolve"]
+    expect(page.locator("#act-resolve")).to_be_hidden()
+
+    # Back to the list: filtering by state shows only the aborted three.
     page.click("text=← all transactions")
     page.select_option("#state-filter", "aborted")
-    expect(page.locator("#txn-rows tr")).to_have_count(2, timeout=WAIT_MS)
+    expect(page.locator("#txn-rows tr")).to_have_count(3, timeout=WAIT_MS)
     ids = page.eval_on_selector_all("#txn-rows tr", "rows => rows.map(r => r.dataset.id)")
-    assert sorted(ids) == ["dash-hang", "dash-stuck"]
+    assert sorted(ids) == ["dash-hang", "dash-markup", "dash-stuck"]
+    assert page.locator("img").count() == 0
     assert page.evaluate("window.__xss") is None
 
 
