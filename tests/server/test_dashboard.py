@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -284,6 +285,22 @@ def test_dashboard_lists_shows_timelines_and_acts(
     assert sorted(ids) == ["dash-hang", "dash-markup", "dash-stuck"]
     assert page.locator("img").count() == 0
     assert page.evaluate("window.__xss") is None
+
+
+@pytest.mark.parametrize("ci", ["", "1"])
+def test_a_missing_chromium_fails_in_ci_and_skips_elsewhere(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, ci: str
+) -> None:
+    """The browser tests never pass silently in CI for want of a browser."""
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", str(tmp_path / "none"))
+    if ci:
+        monkeypatch.setenv("CI", ci)
+        with pytest.raises(pytest.fail.Exception, match="apt-get install -y chromium"):
+            chromium_path()
+    else:
+        monkeypatch.delenv("CI", raising=False)
+        with pytest.raises(pytest.skip.Exception, match="apt-get install -y chromium"):
+            chromium_path()
 
 
 def test_dashboard_counters_follow_the_stats(
