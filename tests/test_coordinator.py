@@ -628,7 +628,7 @@ async def test_submit_waiting_for_a_slot_when_closed_is_refused(
     await coord.start()
     first = await coord.submit(tcc("t1", "gate"))
     waiting = asyncio.ensure_future(coord.submit(tcc("t2", "gate")))
-    await asyncio.sleep(0)
+    await until(lambda: len(gate.calls) == 1)  # t1 is being driven, t2 waits for its slot
     await coord.close()
     with pytest.raises(CoordinatorClosed):
         await first

@@ -515,8 +515,13 @@ class Simulation(RuleBasedStateMachine):
             if row.status.terminal:
                 self.check_atomic(txid, row.status)
         for txid, status in self.acked.items():
-            if status is not TxnStatus.ABORTED:  # committed and needs-attention are durable
+            if status is TxnStatus.NEEDS_ATTENTION:  # durable before the caller hears
                 assert rows[txid].status is status, f"{txid}: acknowledged {status} lost"
+            elif status is TxnStatus.COMMITTED:
+                # Its decision is durable (a saga's end is its decision); the end
+                # of a TCC commit may be lost, and recovery confirms again.
+                assert rows[txid].decision == Decision.COMMIT.value, f"{txid}: commit lost"
+                assert rows[txid].status in (TxnStatus.COMMITTED, TxnStatus.COMMITTING)
             # What the caller was told holds at the participants, durable or not.
             self.check_atomic(txid, status)
         self.check_saga_order()

@@ -486,13 +486,20 @@ def _next_to_compensate(state: TxnState) -> int | None:
 def _end(
     state: TxnState, status: TxnStatus, reason: str, now_ms: int, actions: list[Action]
 ) -> Step:
-    """Terminal. Committed and needs-attention are made durable before the
-    caller hears of them; an aborted end may be lost (presumed abort)."""
+    """Terminal. The end is made durable before the caller hears of it only
+    where it decides something: a saga's commit (its end is its decision)
+    and needs-attention (the transaction must not be re-driven silently).
+    A TCC commit's decision is already durable and an abort is presumed, so
+    their end may be lost: recovery confirms or cancels again, idempotently,
+    and reaches the same end."""
     state.status = status
     state.reason = reason
     state.outstanding = 0
     record = Ended(state.txid, status, reason, now_ms, summaries(state))
-    actions.append(Persist(record, status is not TxnStatus.ABORTED))
+    durable = status is TxnStatus.NEEDS_ATTENTION or (
+        status is TxnStatus.COMMITTED and state.spec.protocol is Protocol.SAGA
+    )
+    actions.append(Persist(record, durable))
     actions.append(Finish(status))
     return state, actions
 

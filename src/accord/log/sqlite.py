@@ -178,7 +178,14 @@ class SQLiteStore(Store):
         # (resuming a finished transaction would hold a slot forever).
         return [s for s in snaps if not s.status.terminal]
 
+    async def _settled(self) -> None:
+        """Reads see every record appended before them (read your writes),
+        including the ones that need not be durable before the next action."""
+        if self._writer.running:
+            await self.flush()
+
     async def get(self, txid: str) -> TxnSnapshot | None:
+        await self._settled()
         snaps = await asyncio.to_thread(
             self._read,
             "SELECT txid, kind, at_ms, body FROM log WHERE txid = ? ORDER BY seq",
@@ -194,6 +201,8 @@ class SQLiteStore(Store):
         *,
         since_ms: int | None = None,
     ) -> builtins.list[TxnRow]:
+        await self._settled()
+
         def run() -> builtins.list[TxnRow]:
             out: builtins.list[TxnRow] = []
             sql = "SELECT txid, kind, at_ms, body FROM log WHERE txid > ? ORDER BY txid, seq"
@@ -209,6 +218,8 @@ class SQLiteStore(Store):
         return await asyncio.to_thread(run)
 
     async def count_by_status(self) -> dict[TxnStatus, int]:
+        await self._settled()
+
         def run() -> dict[TxnStatus, int]:
             counts: dict[TxnStatus, int] = {}
             sql = "SELECT txid, kind, at_ms, body FROM log ORDER BY txid, seq"
@@ -219,6 +230,7 @@ class SQLiteStore(Store):
         return await asyncio.to_thread(run)
 
     async def snapshots(self) -> builtins.list[TxnSnapshot]:
+        await self._settled()
         sql = "SELECT txid, kind, at_ms, body FROM log ORDER BY txid, seq"
         return await asyncio.to_thread(lambda: builtins.list(self._scan(sql, ())))
 
