@@ -6,8 +6,10 @@ import accord
 
 EXPECTED = [
     "AccordError",
+    "ApiError",
     "BranchSpec",
     "Call",
+    "Client",
     "Coordinator",
     "CoordinatorClosed",
     "Decision",
@@ -27,6 +29,7 @@ EXPECTED = [
     "SchemaVersionError",
     "Store",
     "StoreError",
+    "SyncClient",
     "TransactionNotFound",
     "TransactionSpec",
     "Transport",

@@ -1,5 +1,6 @@
 """accord: a distributed transaction coordinator (TCC and saga) for Python services."""
 
+from accord.client import ApiError, Client, SyncClient
 from accord.coordinator import Coordinator, Observer, TxnResult
 from accord.core.machine import Outcome
 from accord.core.records import Decision, TxnStatus
@@ -21,8 +22,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AccordError",
+    "ApiError",
     "BranchSpec",
     "Call",
+    "Client",
     "Coordinator",
     "CoordinatorClosed",
     "Decision",
@@ -42,6 +45,7 @@ __all__ = [
     "SchemaVersionError",
     "Store",
     "StoreError",
+    "SyncClient",
     "TransactionNotFound",
     "TransactionSpec",
     "Transport",

@@ -29,7 +29,6 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import aiohttp
-import httpx
 import msgspec
 
 from accord.core.spec import TransactionSpec
@@ -331,8 +330,11 @@ class SyncClient:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         max_retries: int = DEFAULT_MAX_RETRIES,
     ) -> None:
+        import httpx  # noqa: PLC0415 - only sync users pay for importing it
+
         self.url = url.rstrip("/")
         self.max_retries = max_retries
+        self._httpx = httpx
         self._http = httpx.Client(
             base_url=self.url,
             headers=_headers(token),
@@ -367,7 +369,7 @@ class SyncClient:
                 resp = self._http.request(
                     method, path, content=content, params=query, headers=headers
                 )
-            except httpx.HTTPError as exc:
+            except self._httpx.HTTPError as exc:
                 if not retry or attempt >= self.max_retries:
                     raise ApiError(0, f"cannot reach {self.url}: {exc!r}") from exc
                 time.sleep(_retry_delay_s(attempt, None))

@@ -75,7 +75,10 @@ class FakeParticipants:
         return InProcessTransport({name: self.handler(name) for name in self.mode})
 
     def release(self) -> None:
-        """Answer every hanging call with ok (call on the server's loop)."""
+        """Answer every hanging call with ok, and stop hanging (call on the server's loop)."""
+        for name, mode in self.mode.items():
+            if mode == "hang":
+                self.mode[name] = "ok"
         hanging, self._hanging = self._hanging, []
         for fut, call in hanging:
             if not fut.done():

@@ -348,3 +348,21 @@ def test_dashboard_needs_the_right_token(live_server: LiveServer, page: Page) ->
     stored = page.evaluate("sessionStorage.getItem('accord.token')")
     assert stored == live_server.token
     assert page.evaluate("localStorage.length") == 0
+
+
+def test_dashboard_pages_through_the_list(
+    live_server: LiveServer, page: Page, connect: Callable[[LiveServer], Api]
+) -> None:
+    """50 rows a page; "Load more" follows next_cursor until the list is complete."""
+    api = connect(live_server)
+    for i in range(55):
+        api.submit(f"p-{i:02d}")
+    api.wait_status("p-54", "committed")
+    sign_in(page, live_server)
+    expect(page.locator("#txn-rows tr")).to_have_count(50, timeout=WAIT_MS)
+    expect(page.locator("#more")).to_be_visible()
+    page.click("#more")
+    expect(page.locator("#txn-rows tr")).to_have_count(55, timeout=WAIT_MS)
+    expect(page.locator("#more")).to_be_hidden()
+    ids = page.eval_on_selector_all("#txn-rows tr", "rows => rows.map(r => r.dataset.id)")
+    assert sorted(ids) == [f"p-{i:02d}" for i in range(55)]

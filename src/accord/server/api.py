@@ -116,6 +116,8 @@ class Api:
         self.state = ServerState()
         # Resolved when draining starts: every bounded wait returns at once.
         self._drain: asyncio.Future[None] | None = None
+        # id -> resolved once that id's submit is admitted (see _admit_keyed)
+        self._admitting: dict[str, asyncio.Future[None]] = {}
 
     # ------------------------------------------------------------ lifecycle hooks
 
@@ -180,16 +182,14 @@ class Api:
         wait, wait_s = self._wait_params(request)
         if self.state.draining or self.state.stopped:
             raise _unavailable("the coordinator is shutting down")
-        client_chosen = body.id is not None
-        if client_chosen:
-            known = await self._get(spec.id)
-            if known is not None:
-                if _spec_encode(known.spec.to_dict()) != _spec_encode(spec.to_dict()):
-                    raise _conflict(spec.id)
-                if known.status.terminal:
-                    return _json(200, _submit_out(known.txid, known), _location(spec.id))
-        fut = await self._admit(spec)
-        await self._durable()
+        if body.id is None:  # a fresh id: nobody else can be submitting it
+            fut = await self._admit(spec)
+            await self._durable()
+        else:
+            admitted = await self._admit_keyed(spec)
+            if isinstance(admitted, Response):
+                return admitted
+            fut = admitted
         if fut.done() and not fut.cancelled() and fut.exception() is not None:
             _raise_for(fut.exception(), spec.id)
         if wait:
@@ -200,6 +200,31 @@ class Api:
             result = fut.result()
             return _json(200, _result_out(result), _location(spec.id))
         return _json(202, self._pending_out(spec), _location(spec.id))
+
+    async def _admit_keyed(self, spec: TransactionSpec) -> asyncio.Future[TxnResult] | Response:
+        """Admit a client-keyed spec: the known transaction's answer if the log
+        has it, else a new one, durable. Submits of one id are admitted one at
+        a time: the next one reads the log only once the previous one's
+        ``Begin`` is durable, so it sees that transaction (or its conflict)
+        rather than racing it."""
+        txid = spec.id
+        while (previous := self._admitting.get(txid)) is not None:
+            await asyncio.wait((previous,))  # not cancelled if this request is
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._admitting[txid] = mine
+        try:
+            known = await self._get(txid)
+            if known is not None:
+                if _spec_encode(known.spec.to_dict()) != _spec_encode(spec.to_dict()):
+                    raise _conflict(txid)
+                if known.status.terminal:
+                    return _json(200, _submit_out(txid, known), _location(txid))
+            fut = await self._admit(spec)
+            await self._durable()
+            return fut
+        finally:
+            del self._admitting[txid]
+            mine.set_result(None)
 
     async def _admit(self, spec: TransactionSpec) -> asyncio.Future[TxnResult]:
         coordinator = self.coordinator
