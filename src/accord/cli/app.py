@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from accord.cli import remote
+from accord.cli.cluster import cluster_app
 from accord.core.records import TxnStatus
 from accord.errors import AccordError
 from accord.log import MemoryStore, Store, open_store
@@ -37,6 +38,7 @@ app = typer.Typer(
 )
 txn_app = typer.Typer(help="Inspect the transactions in a log.", no_args_is_help=True)
 app.add_typer(txn_app, name="txn")
+app.add_typer(cluster_app, name="cluster")
 remote.register(txn_app)
 
 err = Console(stderr=True)
