@@ -762,7 +762,7 @@ async def test_close_then_call_opens_a_new_session(serve: Serve, transport: Http
 
 # ---------------------------------------------------------------- never raises
 
-_STATUSES = [200, 201, 202, 204, 301, 302, 307, 400, 401, 403, 404, 408, 409, 418, 422, 429]
+_STATUSES = [200, 201, 202, 204, 301, 302, 307, 400, 401, 403, 404, 408, 409, 418, 422, 425, 429]
 _STATUSES += [500, 501, 502, 503, 504, 599]
 _BODIES = st.one_of(
     st.just(b""),
@@ -786,7 +786,7 @@ def expected_outcome(status: int, body: bytes) -> Outcome:
         return Outcome.OK
     if status == 409:
         return Outcome.REFUSED
-    if status == 429 or status >= 500:
+    if status in (408, 425, 429) or status >= 500:
         return Outcome.TRANSIENT
     return Outcome.REJECTED
 

@@ -331,10 +331,15 @@ def _success(raw: bytes) -> Reply:
     return Reply(Outcome.OK)
 
 
+_RETRYABLE_4XX = frozenset({408, 425, 429})
+
+
 def _failure(status: int, resp: aiohttp.ClientResponse, raw: bytes) -> Reply:
     if status == 409:
         return Reply(Outcome.REFUSED, error=_error_text(raw, resp.reason))
-    if status == 429 or 500 <= status < 600:
+    # 408 (the server gave up waiting for the request) and 425 (too early to
+    # process it) say "send it again later", like 429 and 5xx.
+    if status in _RETRYABLE_4XX or 500 <= status < 600:
         return Reply(
             Outcome.TRANSIENT,
             error=f"HTTP {status}: {_error_text(raw, resp.reason)}",
