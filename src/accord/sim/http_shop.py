@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import math
 import random
 import sqlite3
@@ -38,10 +39,13 @@ from starlette.routing import Mount, Route
 from accord import wire
 from accord.core.spec import Op
 from accord.participant import Participant, Refusal, SQLiteBarrier
+from accord.participant._barrier import DEFAULT_MIN_RETENTION_S, check_min_retention
 from accord.sim import services as sim
 from accord.sim.faults import FAULT_KINDS, FAULT_MIX, LATENCY_SIGMA, FaultConfig
 from accord.sim.services import RULES, Counters, ServiceStore
 from accord.sim.workload import SERVICES
+
+log = logging.getLogger("accord.services")
 
 if TYPE_CHECKING:
     from accord.sim.http_shop_pg import PgShop
@@ -245,13 +249,25 @@ async def _plain(send: Send, status: int, message: str) -> None:
 
 
 def build_app(
-    directory: Path | None, secret: bytes, faults: Faults, *, pg: PgShop | None = None
+    directory: Path | None,
+    secret: bytes,
+    faults: Faults,
+    *,
+    pg: PgShop | None = None,
+    retention_s: float = DEFAULT_MIN_RETENTION_S,
+    cleanup_every_s: float = 3600.0,
 ) -> tuple[Starlette, list[SQLiteBarrier]]:
     """The four services under /order, /inventory, /payment, /shipping, plus admin.
 
     With ``pg`` their state is in PostgreSQL (``directory`` is unused) and the
-    returned list of SQLite barriers is empty.
+    returned list of SQLite barriers is empty. Every ``cleanup_every_s`` the
+    barrier rows older than ``retention_s`` are deleted (the barriers refuse a
+    retention shorter than their ``min_retention_s``; see
+    ``accord.participant.retry_horizon_s``).
     """
+    check_min_retention(retention_s)
+    if not cleanup_every_s > 0:
+        raise ValueError(f"cleanup_every_s must be positive, got {cleanup_every_s!r}")
     faults.validate()
     faults.rng = random.Random(faults.seed)
     verifier = wire.Verifier({KEY_ID: secret})
@@ -265,7 +281,12 @@ def build_app(
         assert directory is not None, "give the services' directory or pg"
         # NORMAL: a commit survives the crash of the process (the scenario's
         # crashes), not of the machine; inline: see SQLiteBarrier.
-        barrier = SQLiteBarrier(directory / f"{name}.db", synchronous="NORMAL", max_workers=0)
+        barrier = SQLiteBarrier(
+            directory / f"{name}.db",
+            synchronous="NORMAL",
+            max_workers=0,
+            min_retention_s=min(DEFAULT_MIN_RETENTION_S, retention_s),
+        )
         barriers.append(barrier)
         rules = RULES[name]()
         participant: Participant[sqlite3.Connection] = Participant(
@@ -324,15 +345,34 @@ def build_app(
             await pg.open()  # the pool; missing schemas created, barriers migrated
         for barrier in barriers:
             await barrier.migrate()
+        everyone: list[Any] = [*barriers, *(pg.barriers.values() if pg is not None else [])]
+        cleaner = asyncio.create_task(_clean_periodically(everyone, retention_s, cleanup_every_s))
         try:
             yield
         finally:
+            cleaner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await cleaner
             for barrier in barriers:
                 await barrier.close()
             if pg is not None:
                 await pg.close()
 
     return Starlette(routes=routes, lifespan=lifespan), barriers
+
+
+async def _clean_periodically(barriers: list[Any], retention_s: float, every_s: float) -> None:
+    """Delete barrier rows past their retention, forever (until cancelled)."""
+    while True:
+        await asyncio.sleep(every_s)
+        for barrier in barriers:
+            try:
+                deleted = await barrier.cleanup(max(retention_s, barrier.min_retention_s))
+            except Exception:  # the next round tries again
+                log.exception("barrier cleanup failed")
+                continue
+            if deleted:
+                log.info("barrier cleanup: %d rows older than %.0f s deleted", deleted, retention_s)
 
 
 def _fault_view(faults: Faults) -> dict[str, Any]:
