@@ -49,5 +49,5 @@ async def test_old_barrier_rows_are_deleted_periodically(tmp_path: Path) -> None
 
 
 def test_a_retention_that_is_not_positive_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="min_retention_s"):
+    with pytest.raises(ValueError, match="barrier retention must be a positive number"):
         build_app(tmp_path, b"secret", Faults(), retention_s=0)

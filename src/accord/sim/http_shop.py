@@ -39,7 +39,7 @@ from starlette.routing import Mount, Route
 from accord import wire
 from accord.core.spec import Op
 from accord.participant import Participant, Refusal, SQLiteBarrier
-from accord.participant._barrier import DEFAULT_MIN_RETENTION_S, check_min_retention
+from accord.participant._barrier import DEFAULT_MIN_RETENTION_S
 from accord.sim import services as sim
 from accord.sim.faults import FAULT_KINDS, FAULT_MIX, LATENCY_SIGMA, FaultConfig
 from accord.sim.services import RULES, Counters, ServiceStore
@@ -265,7 +265,12 @@ def build_app(
     retention shorter than their ``min_retention_s``; see
     ``accord.participant.retry_horizon_s``).
     """
-    check_min_retention(retention_s)
+    if not (
+        isinstance(retention_s, int | float) and math.isfinite(retention_s) and retention_s > 0
+    ):
+        raise ValueError(
+            f"the barrier retention must be a positive number of seconds, got {retention_s!r}"
+        )
     if not cleanup_every_s > 0:
         raise ValueError(f"cleanup_every_s must be positive, got {cleanup_every_s!r}")
     faults.validate()
