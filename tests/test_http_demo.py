@@ -58,7 +58,8 @@ def test_demo_over_http_keeps_every_invariant(tmp_path: Path, fault_rate: str) -
 
 
 def test_coordinator_killed_while_services_keep_running(tmp_path: Path) -> None:
-    """SIGKILL the coordinator mid-run with the services up; recover converges."""
+    """SIGKILL the coordinator mid-run with the services up (started apart, the
+    demo sets its faults on them); recover converges."""
     port = free_port()
     services_dir = tmp_path / "services"
     secret = tmp_path / "secret"
@@ -86,6 +87,13 @@ def test_coordinator_killed_while_services_keep_running(tmp_path: Path) -> None:
             env={"ACCORD_CRASH_AT": "log.commit.durable", "ACCORD_CRASH_AFTER": "10"},
         )  # fmt: skip
         assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        # The demo set its own faults (defaults: 5%, no latency) on services it did not start.
+        auth = f"authorization: Bearer {secret.read_text().strip()}"
+        view = subprocess.run(
+            ["curl", "-sf", "-H", auth, f"{url}/admin/faults"], capture_output=True, check=True
+        )
+        faults = json.loads(view.stdout)
+        assert (faults["fault_rate"], faults["latency_ms"]) == (0.05, 0.0)
         recovered = _summary(_accord("recover", "--data", str(data), "--json"))
         assert recovered["recovered"] >= 1
         assert recovered["stuck"] == 0

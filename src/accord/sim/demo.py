@@ -257,6 +257,8 @@ async def _remote_shop(
             raise ValueError("--services-url needs --secret-file (the services' shared secret)")
         shop = RemoteShop(config.services_url, load_secret(Path(config.secret_file)))
         await shop.wait_ready()
+        # Services someone else started: this run's faults are set on them.
+        await shop.set_faults(fault_rate, latency_ms)
         return shop
     secret_file = data / "secret"
     url_file = data / "services.url"
@@ -266,6 +268,7 @@ async def _remote_shop(
     if url_file.exists():  # a later command of the same run: same port, maybe still up
         shop = RemoteShop(url_file.read_text().strip(), load_secret(secret_file))
         if await shop.answers():
+            await shop.set_faults(fault_rate, latency_ms)
             return shop
         port = int(shop.url.rsplit(":", 1)[1])
     shop = await RemoteShop.start(

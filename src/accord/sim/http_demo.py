@@ -121,6 +121,18 @@ class RemoteShop:
                 raise RuntimeError(f"{self.url}{path}: HTTP {response.status}")
             return await response.json()
 
+    async def set_faults(self, fault_rate: float, latency_ms: float) -> None:
+        """Set the running services' injected faults (their admin endpoint)."""
+        headers = {"authorization": f"Bearer {self.secret.hex()}"}
+        body = {"fault_rate": fault_rate, "latency_ms": latency_ms}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{self.url}/admin/faults", json=body, headers=headers) as response,
+        ):
+            if response.status != 200:
+                text = await response.text()
+                raise RuntimeError(f"{self.url}/admin/faults: HTTP {response.status}: {text}")
+
     async def refresh(self) -> None:
         """Fetch every service's state and the fault counts."""
         self._state = await self._get("/admin/state")
