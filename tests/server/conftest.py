@@ -44,8 +44,9 @@ class FakeParticipants:
     """In-process participants by name, idempotent per (txid, branch, op).
 
     ``mode[name]`` picks how one answers: ``ok``, ``refuse`` (business
-    refusal), ``fail`` (transient error, every time), ``fail_phase2``
-    (tries succeed, confirms and cancels fail), ``hang`` (never answers;
+    refusal), ``fail`` (transient error, every time), ``fail_prepare``
+    (tries and actions fail, the rest succeeds), ``fail_phase2`` (tries
+    succeed, confirms and cancels fail), ``hang`` (never answers;
     its reply is resolved by :meth:`release`)."""
 
     def __init__(self, names: tuple[str, ...] = SERVICES) -> None:
@@ -60,7 +61,12 @@ class FakeParticipants:
             mode = self.mode.get(name, "ok")
             if mode == "refuse" and call.op in ("try", "action"):
                 return Reply(Outcome.REFUSED, error=f"{name} refuses")
-            if mode == "fail" or (mode == "fail_phase2" and call.op not in ("try", "action")):
+            prepare = call.op in ("try", "action")
+            if (
+                mode == "fail"
+                or (mode == "fail_phase2" and not prepare)
+                or (mode == "fail_prepare" and prepare)
+            ):
                 return Reply(Outcome.TRANSIENT, error=f"{name} is down")
             if mode == "hang":
                 fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()

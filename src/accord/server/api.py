@@ -466,9 +466,12 @@ class Api:
         since = _int_param(q.get("since"), "since", 0, 0, 2**62)
         after = _from_cursor(q["cursor"]) if "cursor" in q else None
         try:
-            rows = await self.store.list(status, limit, after, since_ms=since or None)
+            # One more than asked: a next_cursor only when there is a next page.
+            rows = await self.store.list(status, limit + 1, after, since_ms=since or None)
         except StoreError as exc:
             raise _unavailable(f"the log is unavailable: {exc}") from None
+        more = len(rows) > limit
+        rows = rows[:limit]
         items = [
             schema.TxnRowOut(
                 r.id,
@@ -482,7 +485,7 @@ class Api:
             )
             for r in rows
         ]
-        cursor = _to_cursor(rows[-1].id) if len(rows) == limit else None
+        cursor = _to_cursor(rows[-1].id) if more else None
         return _json(200, schema.TxnListOut(items, cursor))
 
     async def stats(self, request: Request) -> Response:

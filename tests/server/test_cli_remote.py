@@ -1,0 +1,131 @@
+"""`accord txn ... --url`: the CLI against a running server, and the Python clients."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from accord import ApiError, Client, DuplicateTransaction, SyncClient, TransactionNotFound
+from accord.cli import app
+from accord.errors import InvalidTransaction
+
+from .conftest import LiveServer, order_body
+
+runner = CliRunner()
+
+
+def invoke(live: LiveServer, *args: str, token: bool = True, stdin: str | None = None) -> Result:
+    extra = ["--url", live.url] + (["--token", live.token] if token else [])
+    return runner.invoke(app, ["txn", *args, *extra], input=stdin)
+
+
+def lines(result: Result) -> list[dict]:
+    return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+def test_submit_show_and_list_through_the_cli(live_server: LiveServer, tmp_path: Path) -> None:
+    """submit --wait from a file, then show and list it, all with --url."""
+    spec = tmp_path / "order.json"
+    spec.write_text(json.dumps(order_body()))
+    r = invoke(live_server, "submit", "--file", str(spec), "--id", "cli-1", "--wait", "--json")
+    assert r.exit_code == 0, r.output
+    assert lines(r)[0]["status"] == "committed"
+    r = invoke(live_server, "show", "cli-1", "--json")
+    assert r.exit_code == 0, r.output
+    shown = lines(r)[0]
+    assert shown["id"] == "cli-1"
+    assert [b["timeline"][0]["op"] for b in shown["branches"]] == ["try"] * 4
+    r = invoke(live_server, "list", "--json", "--state", "committed")
+    assert [row["id"] for row in lines(r)] == ["cli-1"]
+    r = invoke(live_server, "show", "cli-1")  # the human form
+    assert r.exit_code == 0 and "committed" in r.stdout
+
+
+def test_list_pages_with_the_cursor(live_server: LiveServer) -> None:
+    """--limit and --after (a next_cursor) walk the list in id order."""
+    for i in range(3):
+        r = invoke(
+            live_server, "submit", "--id", f"p-{i}", "--wait", stdin=json.dumps(order_body())
+        )
+        assert r.exit_code == 0, r.output
+    r = invoke(live_server, "list", "--limit", "2")
+    assert r.exit_code == 0
+    cursor = r.stdout.split("--after ")[1].split()[0]
+    r = invoke(live_server, "list", "--limit", "2", "--after", cursor, "--json")
+    assert [row["id"] for row in lines(r)] == ["p-2"]
+
+
+def test_operator_actions_through_the_cli(live_server: LiveServer) -> None:
+    """A parked transaction resolved with `accord txn resolve --reason`."""
+    live_server.participants.mode["payment"] = "fail_phase2"
+    r = invoke(live_server, "submit", "--id", "cli-2", "--wait", "--json",
+               stdin=json.dumps(order_body()))  # fmt: skip
+    assert lines(r)[0]["status"] == "needs_attention"
+    r = invoke(live_server, "resolve", "cli-2", "--reason", "fixed by hand", "--json")
+    assert r.exit_code == 0, r.output
+    assert lines(r)[0]["status"] == "committed"
+    r = invoke(live_server, "abort", "cli-2", "--reason", "too late")
+    assert r.exit_code == 1
+    assert "only a transaction without a decision" in r.output
+
+
+def test_cli_errors_are_clear(live_server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No token: 401 reported; unknown id: named; bad JSON file: exit 2."""
+    monkeypatch.delenv("ACCORD_TOKEN", raising=False)
+    r = invoke(live_server, "list", token=False)
+    assert r.exit_code == 1 and "401" in r.output
+    r = invoke(live_server, "show", "nope")
+    assert r.exit_code == 1 and "'nope'" in r.output
+    r = invoke(live_server, "submit", stdin="{not json")
+    assert r.exit_code == 2 and "not a readable JSON" in r.output
+    monkeypatch.setenv("ACCORD_TOKEN", live_server.token)
+    assert invoke(live_server, "list", token=False).exit_code == 0
+
+
+def test_token_file_is_read(live_server: LiveServer, tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text(live_server.token + "\n")
+    r = runner.invoke(app, ["txn", "list", "--url", live_server.url, "--token-file", str(path)])
+    assert r.exit_code == 0, r.output
+
+
+def test_sync_client_maps_errors_to_accord_exceptions(live_server: LiveServer) -> None:
+    """404, 409 and 422 become TransactionNotFound, DuplicateTransaction, InvalidTransaction."""
+    with SyncClient(live_server.url, live_server.token) as client:
+        done = client.submit(order_body("sc-1"), wait=True)
+        assert done.status == "committed"
+        assert client.submit(order_body("sc-1")).status == "committed"  # idempotent
+        with pytest.raises(DuplicateTransaction):
+            client.submit(order_body("sc-1", protocol="saga"))
+        with pytest.raises(TransactionNotFound):
+            client.get("missing")
+        with pytest.raises(InvalidTransaction) as invalid:
+            client.submit(order_body("sc-2", timeout_s=-1))
+        assert invalid.value.field == "timeout_s"
+        assert [row.id for row in client.iter(page=1)] == ["sc-1"]
+        assert client.stats().committed == 1
+    with (
+        SyncClient(live_server.url, "wrong-token-0123456789") as client,
+        pytest.raises(ApiError) as denied,
+    ):
+        client.stats()
+    assert denied.value.status == 401
+
+
+async def test_async_client_round_trip(live_server: LiveServer) -> None:
+    """Client: submit (wait), get with attempts, list, actions, readiness."""
+    async with Client(live_server.url, live_server.token) as client:
+        assert await client.ready()
+        done = await client.submit(order_body("ac-1"), wait=True)
+        assert done.status == "committed"
+        txn = await client.get("ac-1")
+        assert txn.decision == "commit"
+        assert all(b.timeline for b in txn.branches)
+        page = await client.list(state="committed")
+        assert [r.id for r in page.items] == ["ac-1"]
+        with pytest.raises(ApiError) as conflict:
+            await client.retry("ac-1", "nothing to retry")
+        assert conflict.value.status == 409
