@@ -4,7 +4,7 @@
 
 No simulated shop: each participant answers OK at once, so what is measured is
 the coordinator, the state machine and the log. Each configuration (memory
-log, SQLite FULL, SQLite NORMAL) runs in a fresh process, interleaved,
+log, SQLite FULL, SQLite NORMAL, PostgreSQL) runs in a fresh process, interleaved,
 ``--repeat`` times; prints throughput, CPU and wall microseconds per
 transaction and records per group commit, then the medians.
 """
@@ -14,12 +14,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import asyncpg
 
 from accord import (
     BranchSpec,
@@ -35,8 +38,11 @@ from accord import (
     TransactionSpec,
 )
 from accord.cli.app import tune_gc
+from accord.log.postgres import PostgresStore
 
-CONFIGS = ["memory", "FULL", "NORMAL"]
+CONFIGS = ["memory", "FULL", "NORMAL", "postgres"]
+# PostgreSQL: a fresh schema per run in this database (PGDSN overrides).
+PG_DSN = os.environ.get("PGDSN", "postgresql://postgres@127.0.0.1/test")
 
 
 async def one(kind: str, orders: int, path: Path) -> dict[str, float]:
@@ -46,9 +52,13 @@ async def one(kind: str, orders: int, path: Path) -> dict[str, float]:
     def participant(call: Call) -> Reply:
         return ok
 
-    store: Store = (
-        MemoryStore() if kind == "memory" else SQLiteStore(path / "log.db", synchronous=kind)
-    )
+    store: Store
+    if kind == "memory":
+        store = MemoryStore()
+    elif kind == "postgres":
+        store = PostgresStore(PG_DSN, schema=f"bench_core_{os.getpid()}")
+    else:
+        store = SQLiteStore(path / "log.db", synchronous=kind)
     transport = InProcessTransport({f"p{i}": participant for i in range(4)})
     coordinator = Coordinator(store, transport, max_in_flight=100)
     specs = [
@@ -67,6 +77,10 @@ async def one(kind: str, orders: int, path: Path) -> dict[str, float]:
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     stats = store.stats()
     await coordinator.close()
+    if kind == "postgres":
+        conn = await asyncpg.connect(PG_DSN)
+        await conn.execute(f"DROP SCHEMA bench_core_{os.getpid()} CASCADE")
+        await conn.close()
     return {
         "tps": orders / wall,
         "cpu_us": cpu / orders * 1e6,
