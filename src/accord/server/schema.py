@@ -298,6 +298,8 @@ def _action(name: str, summary: str, limits: Limits) -> dict[str, Any]:
 def openapi_document(limits: Limits) -> dict[str, Any]:
     """The OpenAPI 3.1 document of the API, its schemas generated from the types."""
     _, components = msgspec.json.schema_components(_TYPES, ref_template=_REF)
+    # The server's own limit, which may be lower than what a spec allows.
+    components["SubmitIn"]["properties"]["branches"]["maxItems"] = limits.max_branches
     open_: list[dict[str, Any]] = [{}]  # no authentication
     return {
         "openapi": "3.1.0",
