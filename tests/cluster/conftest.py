@@ -8,26 +8,23 @@ skip, or fail when ``CI`` is set.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]
 import pytest
 
 from accord.sim.http_demo import free_port
 
-PG_DSN = os.environ.get("ACCORD_TEST_PG_DSN", "postgresql://postgres@127.0.0.1/test")
+from .db import PG_DSN, pg, pg_reachable, wait_for
+from .world import World
+
 ACCORD = [sys.executable, "-c", "from accord.cli import main; main()"]
 
 
@@ -36,31 +33,6 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "pg_restart: restarts the PostgreSQL server (waits until it is back before finishing)",
     )
-
-
-def pg(sql: str, *args: Any) -> list[Any]:
-    """Run one statement on a connection of its own, from a thread of its own
-    (the test's event loop may be running)."""
-
-    async def run() -> list[Any]:
-        conn = await asyncpg.connect(PG_DSN, timeout=5)
-        try:
-            return list(await conn.fetch(sql, *args))
-        finally:
-            await conn.close()
-
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, run()).result()
-
-
-def pg_reachable() -> None:
-    try:
-        pg("SELECT 1")
-    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-        message = f"PostgreSQL unreachable at {PG_DSN}: {exc!r}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 @pytest.fixture
@@ -78,23 +50,6 @@ def schema() -> Iterator[str]:
     pg(f"DROP SCHEMA IF EXISTS {name} CASCADE")
 
 
-@pytest.fixture
-async def aschema(schema: str) -> AsyncIterator[str]:
-    yield schema
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout_s: float, every_s: float = 0.1) -> Any:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(every_s)
-
-
 class Processes:
     """The shop's services and cluster nodes as child processes."""
 
@@ -108,13 +63,13 @@ class Processes:
         self.children: dict[str, subprocess.Popen[bytes]] = {}
 
     def services(self, *, orders: int, seed: int, latency_ms: float = 0.0) -> None:
-        log = (self.tmp / "services.log").open("wb")
-        self.children["services"] = subprocess.Popen(
-            [*ACCORD, "services", "--data", str(self.tmp / "shop"), "--port", str(self.port),
-             "--orders", str(orders), "--seed", str(seed), "--latency-ms", str(latency_ms),
-             "--secret-file", str(self.secret)],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        with (self.tmp / "services.log").open("wb") as log:  # the child keeps its own copy
+            self.children["services"] = subprocess.Popen(
+                [*ACCORD, "services", "--data", str(self.tmp / "shop"), "--port", str(self.port),
+                 "--orders", str(orders), "--seed", str(seed), "--latency-ms", str(latency_ms),
+                 "--secret-file", str(self.secret)],
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
 
         def up() -> bool:
             if self.children["services"].poll() is not None:
@@ -128,14 +83,14 @@ class Processes:
         wait_for("the services", up, 30)
 
     def node(self, name: str, *, shards: int, ttl_s: float, concurrency: int = 30) -> None:
-        log = (self.tmp / f"{name}.log").open("wb")
-        self.children[name] = subprocess.Popen(
-            [*ACCORD, "cluster", "node", "--store", self.store, "--node-id", name,
-             "--services-url", self.url, "--secret-file", str(self.secret),
-             "--shards", str(shards), "--lease-ttl", str(ttl_s),
-             "--concurrency", str(concurrency), "--status-file", str(self.status_path(name))],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        with (self.tmp / f"{name}.log").open("wb") as log:
+            self.children[name] = subprocess.Popen(
+                [*ACCORD, "cluster", "node", "--store", self.store, "--node-id", name,
+                 "--services-url", self.url, "--secret-file", str(self.secret),
+                 "--shards", str(shards), "--lease-ttl", str(ttl_s),
+                 "--concurrency", str(concurrency), "--status-file", str(self.status_path(name))],
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
 
     def status_path(self, name: str) -> Path:
         return self.tmp / f"{name}.status.json"
@@ -175,3 +130,18 @@ def procs(tmp_path: Path, schema: str) -> Iterator[Processes]:
         yield p
     finally:
         p.close()
+
+
+@pytest.fixture
+async def world(schema: str) -> AsyncIterator[Callable[..., World]]:
+    """Make in-process clusters (World) on the test's schema; closed afterwards."""
+    made: list[World] = []
+
+    def make(orders: int = 120, latency_ms: float = 2.0) -> World:
+        w = World(schema, orders, latency_ms)
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        await w.close()

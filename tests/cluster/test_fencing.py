@@ -18,7 +18,7 @@ from accord.errors import StoreError
 from accord.log import PostgresStore
 from accord.log.base import Fenced
 
-from .conftest import PG_DSN, pg
+from .db import PG_DSN, pg
 
 SHARDS = 4
 T0 = 1_700_000_000_000

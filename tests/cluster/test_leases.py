@@ -11,7 +11,7 @@ import pytest
 from accord.cluster.leases import LeaseTable, ensure_cluster_schema
 from accord.log import PostgresStore
 
-from .conftest import PG_DSN, pg
+from .db import PG_DSN, pg
 
 SHARDS = 8
 

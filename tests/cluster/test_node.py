@@ -6,152 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 
-from accord.cluster import ClusterClient, ClusterNode
+from accord.cluster import ClusterClient
 from accord.cluster.shards import shard_of
 from accord.coordinator import TxnResult
 from accord.core.records import TxnStatus
-from accord.core.spec import Op, Protocol, TransactionSpec
+from accord.core.spec import Op, TransactionSpec
 from accord.errors import DuplicateTransaction
-from accord.sim import invariants
-from accord.sim.faults import FaultConfig
-from accord.sim.shop import Shop
-from accord.sim.workload import ShopConfig, Workload, order_spec
-from accord.transport.base import Call, Reply, Started, Transport
 
-from .conftest import PG_DSN, pg
-
-SHARDS = 16
-TTL_S = 2.0
-
-
-class Recording(Transport):
-    """Notes every call a node sends: (node, txid, op, monotonic time). While
-    ``held`` is set (not yet released), the participants apply what they are
-    sent but the replies reach the node only once it is released, as with a
-    paused process."""
-
-    def __init__(self, inner: Transport, node: str, calls: list[tuple[str, str, Op, float]]):
-        self.inner = inner
-        self.node = node
-        self.calls = calls
-        self.held: asyncio.Event | None = None
-
-    def start(self, call: Call) -> Started:
-        self.calls.append((self.node, call.txid, call.op, time.monotonic()))
-        if self.held is not None:
-            return self._late(call, self.held)
-        return self.inner.start(call)
-
-    async def _late(self, call: Call, held: asyncio.Event) -> Reply:
-        reply = await self.inner.call(call)
-        await held.wait()
-        return reply
-
-    async def call(self, call: Call) -> Reply:
-        return await self.inner.call(call)
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-
-class World:
-    """A shop, its workload and the nodes of one cluster."""
-
-    def __init__(self, schema: str, orders: int, latency_ms: float, seed: int = 5) -> None:
-        self.schema = schema
-        self.workload = Workload(ShopConfig(orders=orders, seed=seed))
-        self.shop = Shop.create(self.workload.initial_state(), None)
-        self.latency_ms = latency_ms
-        self.nodes: dict[str, ClusterNode] = {}
-        self.transports: dict[str, Recording] = {}
-        self.calls: list[tuple[str, str, Op, float]] = []
-        self.specs = [order_spec(o, Protocol.TCC) for o in self.workload.orders]
-
-    async def node(self, name: str, **kw: Any) -> ClusterNode:
-        transport = Recording(
-            self.shop.transport(FaultConfig(0.0, self.latency_ms), len(self.nodes)),
-            name,
-            self.calls,
-        )
-        kw = {"shards": SHARDS, "ttl_s": TTL_S, "max_in_flight": 40, **kw}
-        node = ClusterNode(PG_DSN, transport, node_id=name, schema=self.schema, **kw)
-        self.transports[name] = transport
-        await node.start()
-        self.nodes[name] = node
-        return node
-
-    async def settled(self, *names: str, timeout_s: float = 15.0) -> None:
-        """Until the named nodes together hold every shard, all ready, evenly."""
-        deadline = time.monotonic() + timeout_s
-        target = -(-SHARDS // len(names))
-        while True:
-            owned = [self.nodes[n].owned() for n in names]
-            if (
-                sum(len(o) for o in owned) == SHARDS
-                and all(len(o) <= target for o in owned)
-                and all(state == "ready" for o in owned for state in o.values())
-            ):
-                return
-            assert time.monotonic() < deadline, f"not settled: {[len(o) for o in owned]}"
-            await asyncio.sleep(0.05)
-
-    async def check(self) -> dict[str, Any]:
-        """Every order terminal, the invariants hold."""
-        client = ClusterClient(PG_DSN, schema=self.schema)
-        await client.open()
-        try:
-            snaps = await client.store.snapshots()
-        finally:
-            await client.close()
-        report = invariants.check(self.shop.views(), {s.txid: s for s in snaps})
-        assert report.ok, {k: v[:5] for k, v in report.violations.items() if v}
-        assert report.duplicates_applied == 0
-        return {s.txid: s for s in snaps}
-
-    async def stall(self, name: str) -> tuple[set[int], asyncio.Event]:
-        """Freeze a node as a paused process: its lease loop, watchdog and inbox
-        stop, replies to its calls wait. Returns its shards and the release."""
-        node = self.nodes[name]
-        held = self.transports[name].held = asyncio.Event()
-        for task in list(node._tasks):
-            task.cancel()
-        await asyncio.sleep(0.3)  # its runs are all waiting for a reply now
-        return set(node.owned()), held
-
-    async def close(self) -> None:
-        for held in (t.held for t in self.transports.values()):
-            if held is not None:
-                held.set()
-        for node in self.nodes.values():
-            await node.close(drain=False)
-        await self.shop.close()
-
-
-@pytest.fixture
-async def world(schema: str) -> AsyncIterator[Callable[..., World]]:
-    made: list[World] = []
-
-    def make(orders: int = 120, latency_ms: float = 2.0) -> World:
-        w = World(schema, orders, latency_ms)
-        made.append(w)
-        return w
-
-    yield make
-    for w in made:
-        await w.close()
-
-
-def writers(schema: str) -> dict[str, set[str]]:
-    """txid -> the nodes that wrote its records."""
-    out: dict[str, set[str]] = {}
-    for txid, node in pg(f"SELECT txid, node FROM {schema}.log"):
-        out.setdefault(txid, set()).add(node)
-    return out
+from .db import PG_DSN, pg
+from .world import SHARDS, TTL_S, World, writers
 
 
 async def test_a_transaction_submitted_to_any_node_is_driven_by_its_shards_owner(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import time
 from collections.abc import Collection, Sequence
 from typing import Any
@@ -109,7 +110,8 @@ class Inbox:
                     try:
                         return await fn(conn)
                     except _TRANSIENT:
-                        conn.terminate()
+                        with contextlib.suppress(asyncpg.InterfaceError):
+                            conn.terminate()  # unless asyncpg released it already
                         raise
             except _TRANSIENT as exc:
                 if attempt == 2:
@@ -186,7 +188,9 @@ async def outcome(
     while True:
         try:
             snap = await store.get(spec.id)
-        except StoreError:
+        except StoreError as exc:
+            if exc.txid is not None:  # its records do not hold together: no outcome to wait for
+                raise
             snap = None  # the database is away: keep waiting
         if snap is not None:
             if spec_bytes(snap.spec) != want:

@@ -55,6 +55,9 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.SerializationError,
     asyncpg.DeadlockDetectedError,
     asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,  # the server restarted (-m immediate)
+    # A writer paused inside a transaction was cut off (see idle_in_transaction).
+    asyncpg.IdleInTransactionSessionTimeoutError,
     asyncpg.QueryCanceledError,
 )
 

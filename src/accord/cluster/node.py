@@ -508,8 +508,8 @@ class ClusterNode:
         for snap in snaps:
             shard = shard_of(snap.txid, self.shards)
             lease = self._leases.get(shard)
-            if lease is None or lease.token != got[shard]:
-                continue  # lost meanwhile
+            if lease is None or lease.token != got[shard] or lease.state is not LeaseState.READY:
+                continue  # lost or being given up meanwhile: the next owner resumes it
             try:
                 futures = await self.coordinator.resume_snapshots([snap])
             except CoordinatorClosed:

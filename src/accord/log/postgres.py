@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import logging
 import re
 import time
@@ -126,6 +127,9 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.SerializationError,
     asyncpg.DeadlockDetectedError,
     asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,  # the server restarted (-m immediate)
+    # A writer paused inside a transaction was cut off (see idle_in_transaction).
+    asyncpg.IdleInTransactionSessionTimeoutError,
 )
 
 # ... and, while a commit is in doubt, failing to find out how it ended.
@@ -197,7 +201,8 @@ class PostgresStore(Store):
         self._fence = fence
         # A writer paused inside a batch (SIGSTOP, a partition) holds its
         # lease rows' share locks: past this, PostgreSQL ends its session.
-        self._settings = {"application_name": f"accord-log:{schema}"}
+        name = f"accord-log:{schema}" if fence is None else f"accord-log:{schema}:{fence.node}"
+        self._settings = {"application_name": name[:63]}
         if idle_in_transaction_timeout_s is not None:
             ms = max(int(idle_in_transaction_timeout_s * 1000), 1)
             self._settings["idle_in_transaction_session_timeout"] = str(ms)
@@ -483,12 +488,15 @@ class PostgresStore(Store):
                         state["result"] = result
                     return result
                 except _TRANSIENT:
-                    conn.terminate()  # broken or in doubt: the pool opens a new one
+                    # Noted first: the COMMIT may have gone through.
                     if "result" in state:
                         doubt = (state["xid"], state["result"])
+                    _terminate(conn)  # broken or in doubt: the pool opens a new one
                     raise
                 finally:
-                    await pool.release(conn)
+                    # After a COMMIT that went through, failing to reset the
+                    # connection for reuse must not make the batch look unwritten.
+                    await _release(pool, conn)
             except _RETRYABLE as exc:
                 if isinstance(exc, StoreError) and doubt is None:
                     raise
@@ -628,7 +636,7 @@ class PostgresStore(Store):
                     try:
                         return await conn.fetch(sql, *params)  # type: ignore[no-any-return]
                     except _TRANSIENT:
-                        conn.terminate()
+                        _terminate(conn)
                         raise
             except _TRANSIENT as exc:
                 if attempt == 1:
@@ -731,6 +739,22 @@ class PostgresStore(Store):
     async def snapshots(self) -> builtins.list[TxnSnapshot]:
         sql = f"SELECT {_ROWS} FROM {self.schema}.log ORDER BY txid, seq"
         return [snap async for snap in self._scan(sql)]
+
+
+async def _release(pool: Any, conn: Any) -> None:
+    """Give a connection back to its pool; one that died meanwhile is dropped."""
+    try:
+        await pool.release(conn)
+    except (*_TRANSIENT, asyncpg.PostgresError) as exc:
+        log.debug("connection not reusable: %r", exc)
+
+
+def _terminate(conn: Any) -> None:
+    """Close a connection at once. When asyncpg noticed the connection's loss
+    before us it has handed the connection back to its pool already, and the
+    proxy refuses every call, this one included: nothing is left to close."""
+    with contextlib.suppress(asyncpg.InterfaceError):
+        conn.terminate()
 
 
 __all__ = ["Fence", "PostgresStore"]
