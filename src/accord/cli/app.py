@@ -223,6 +223,13 @@ def services_command(
     pg_schema_prefix: Annotated[
         str, typer.Option(help="With --pg: the schemas are PREFIX_order, PREFIX_inventory, ...")
     ] = "accord_shop",
+    barrier_retention_s: Annotated[
+        float,
+        typer.Option(
+            help="Delete barrier rows older than this (hourly); at least the coordinator's "
+            "retry horizon plus its worst downtime (accord.participant.retry_horizon_s)."
+        ),
+    ] = 7 * 24 * 3600.0,
 ) -> None:
     """Run the shop's four services over HTTP: /order, /inventory, /payment, /shipping."""
     if not 0 < port < 65536:
@@ -242,14 +249,14 @@ def services_command(
                 lambda: Workload(ShopConfig(orders=orders, seed=seed)).initial_state(),
                 prefix=pg_schema_prefix,
             )
-            app_, _ = build_app(None, secret, faults, pg=shop)
+            app_, _ = build_app(None, secret, faults, pg=shop, retention_s=barrier_retention_s)
         else:
             assert data is not None
             if not (data / "order.db").exists():
                 data.mkdir(parents=True, exist_ok=True)
                 initial = Workload(ShopConfig(orders=orders, seed=seed)).initial_state()
                 create_databases(data, initial)
-            app_, _ = build_app(data, secret, faults)
+            app_, _ = build_app(data, secret, faults, retention_s=barrier_retention_s)
     except (OSError, ValueError) as exc:
         _fail(str(exc))
     err.print(f"shop services on http://{host}:{port} (secret in {secret_path})")
