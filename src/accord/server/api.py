@@ -413,7 +413,8 @@ class Api:
                             r.op.value, r.attempt, "transient", r.at_ms, None, r.error
                         )
                     )
-            timeline.sort(key=lambda t: (t.started_at_ms, t.attempt))
+            # Stable: calls started in the same millisecond keep the order seen.
+            timeline.sort(key=lambda t: t.started_at_ms)
             if summaries is not None:
                 s = summaries[i]
                 st, op, attempts, error, result = s.status, s.op, s.attempts, s.error, s.result
@@ -423,8 +424,8 @@ class Api:
                 op = last.op if last else None
                 attempts = max((t.attempt for t in timeline), default=0)
                 error, result = (last.error if last else ""), None
-            if not error and timeline and timeline[-1].outcome != "ok":
-                error = timeline[-1].error
+            if not error:  # the last error seen, even if a later call succeeded
+                error = next((t.error for t in reversed(timeline) if t.error), "")
             branches.append(
                 schema.BranchOut(b.name, b.participant, st, op, attempts, error, result, timeline)
             )
