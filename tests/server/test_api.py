@@ -6,8 +6,9 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
-from accord import SQLiteStore
+from accord import SQLiteStore, TxnStatus
 
 from .conftest import FakeParticipants, LiveServer, order_body, start_live_server, wait_until
 
@@ -185,3 +186,27 @@ def test_readyz_is_503_until_recovery_is_done(tmp_path: Path) -> None:
         wait_until(lambda: httpx.get(f"{live.url}/readyz").status_code == 200)
         for txid in ("rec-1", "rec-2"):
             wait_until(lambda txid=txid: live.run(live.store.get(txid)).status.terminal)
+
+
+def test_stats_scan_the_log_at_most_once_per_max_age(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Polling /v1/stats (the dashboard does, every second) reuses the log's counts
+    for STATS_MAX_AGE_S; the coordinator's own counters are always current."""
+    store = live_server.store
+    scans = 0
+    real = store.count_by_status
+
+    async def counting() -> dict[TxnStatus, int]:
+        nonlocal scans
+        scans += 1
+        return await real()
+
+    monkeypatch.setattr(store, "count_by_status", counting)
+    url = f"{live_server.url}/v1/stats"
+    first = httpx.get(url, headers=live_server.headers).json()
+    _submit(live_server, order_body("s-2"))
+    second = httpx.get(url, headers=live_server.headers).json()
+    assert scans == 1
+    assert second["committed"] == first["committed"] + 1  # live counter
+    assert second["by_status"] == first["by_status"]  # the cached scan

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -249,3 +251,54 @@ async def test_sigterm_hands_unfinished_work_to_the_next_start(tmp_path: Path) -
         report = await _shop_report(services, tmp_path, txns)
     assert all(s.status.terminal for s in txns.values())
     assert report.ok, {k: v[:5] for k, v in report.violations.items() if v}
+
+
+def spans(text: str) -> list[dict[str, Any]]:
+    """The console exporter's output: JSON objects one after another."""
+    decoder = json.JSONDecoder()
+    out, i = [], 0
+    while True:
+        while i < len(text) and text[i] in " \r\n\t":
+            i += 1
+        if i >= len(text):
+            return out
+        obj, i = decoder.raw_decode(text, i)
+        out.append(obj)
+
+
+async def test_serve_exports_a_span_per_transaction_and_per_call(tmp_path: Path) -> None:
+    """ACCORD_OTEL_EXPORTER=console: a span per transaction and a child span per
+    participant call in the transaction's trace, exported by the time it stops."""
+    async with shop(tmp_path, orders=20, latency_ms=0) as services:
+        port = free_port()
+        args = ["serve", "--data", str(tmp_path / "coord"), "--port", str(port),
+                "--services-url", services.url,
+                "--secret-file", str(tmp_path / "secret")]  # fmt: skip
+        stdout = tmp_path / "serve.out"
+        env = os.environ | {"ACCORD_OTEL_EXPORTER": "console"}
+        with stdout.open("wb") as out, (tmp_path / "serve.err").open("wb") as err:
+            process = subprocess.Popen([*ACCORD, *args], stdout=out, stderr=err, env=env)
+        server = Proc(process, f"http://127.0.0.1:{port}", tmp_path / "serve.err")
+        try:
+            await _wait_status(server, "/readyz")
+            specs = _specs(services, 3)
+            async with Client(server.url, _token(tmp_path)) as client:
+                results = await asyncio.gather(*(client.submit(s, wait=10) for s in specs))
+            assert all(r.status in ("committed", "aborted") for r in results)
+            process.send_signal(signal.SIGTERM)
+            await _exit(server, 30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait(30)
+    exported = spans(stdout.read_text())
+    for spec in specs:
+        root = [s for s in exported if s["attributes"].get("accord.txid") == spec.id
+                and s["parent_id"] is None]  # fmt: skip
+        assert len(root) == 1, f"{spec.id}: {len(root)} transaction spans"
+        trace_id = root[0]["context"]["trace_id"]
+        calls = [s for s in exported if s["parent_id"] == root[0]["context"]["span_id"]]
+        # At least a try per branch, all in the transaction's trace.
+        assert len(calls) >= len(spec.branches)
+        assert {c["context"]["trace_id"] for c in calls} == {trace_id}
+        assert {c["attributes"]["accord.op"] for c in calls} >= {"try"}

@@ -23,6 +23,7 @@ from accord.cli.cluster import cluster_app
 from accord.core.records import TxnStatus
 from accord.errors import AccordError
 from accord.log import MemoryStore, Store, open_store
+from accord.observability import tracing_from_env
 from accord.server.limits import Limits
 from accord.server.run import ServeOptions, load_keys, load_tokens, serve_forever
 from accord.sim.demo import DemoConfig, recover_run, run_demo, verify_run
@@ -340,6 +341,8 @@ def serve(
             max_in_flight=max_in_flight,
             drain_timeout_s=drain_timeout,
             limits=Limits(max_body_bytes=max_body_bytes, max_wait_s=max_wait),
+            # Off unless ACCORD_OTEL_EXPORTER asks for it (docs/operations.md).
+            tracing=tracing_from_env(),
         )
     except (OSError, ValueError) as exc:
         _fail(str(exc))

@@ -20,6 +20,7 @@ import binascii
 import logging
 import math
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -51,6 +52,8 @@ _spec_encode = msgspec.json.Encoder().encode
 _AT = re.compile(r" - at `\$\.?(.*)`$")
 # A body's payload sits this deep: body (1), branches (2), a branch (3).
 _PAYLOAD_DEPTH = 3
+# How long GET /v1/stats reuses the log's counts by status (a scan of the log).
+STATS_MAX_AGE_S = 2.0
 _ID_RE = re.compile(schema.ID_PATTERN)
 
 
@@ -118,6 +121,10 @@ class Api:
         self._drain: asyncio.Future[None] | None = None
         # id -> resolved once that id's submit is admitted (see _admit_keyed)
         self._admitting: dict[str, asyncio.Future[None]] = {}
+        # The log's counts by status: a scan of the log, so one at a time and
+        # reused for STATS_MAX_AGE_S (a dashboard polls every second).
+        self._counts: tuple[float, dict[TxnStatus, int]] | None = None
+        self._counting: asyncio.Future[dict[TxnStatus, int]] | None = None
 
     # ------------------------------------------------------------ lifecycle hooks
 
@@ -492,7 +499,7 @@ class Api:
     async def stats(self, request: Request) -> Response:
         _only(request.query_params, ())
         try:
-            counts = await self.store.count_by_status()
+            counts = await self._count_by_status()
         except StoreError as exc:
             raise _unavailable(f"the log is unavailable: {exc}") from None
         c = self.coordinator
@@ -513,6 +520,21 @@ class Api:
                 outcomes=dict(m.outcomes),
             ),
         )
+
+    async def _count_by_status(self) -> dict[TxnStatus, int]:
+        now = time.monotonic()
+        if self._counts is not None and now - self._counts[0] < STATS_MAX_AGE_S:
+            return self._counts[1]
+        if self._counting is None:
+            self._counting = asyncio.ensure_future(self.store.count_by_status())
+        counting = self._counting
+        try:
+            counts = await asyncio.shield(counting)
+        finally:
+            if self._counting is counting and counting.done():
+                self._counting = None
+        self._counts = (time.monotonic(), counts)
+        return counts
 
     # ------------------------------------------------------------ operator actions
 

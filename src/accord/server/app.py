@@ -96,7 +96,9 @@ def create_app(
     The coordinator's observer becomes a :class:`FanOut` of the call
     history (for ``GET /v1/transactions/{id}``), ``observers``, the metrics
     observer when ``accord.observability.metrics`` is importable, and any
-    observer the coordinator already had. ``app.state.api``,
+    observer the coordinator already had. An observer of ``observers`` with a
+    ``shutdown()`` method (e.g. tracing, which flushes its exporter) has it
+    called when the app stops, after the log is closed. ``app.state.api``,
     ``app.state.history`` and ``app.state.coordinator`` give tests and
     embedders access to them."""
     config = config or ServerConfig()
@@ -159,6 +161,10 @@ def create_app(
                     await asyncio.gather(recovery, return_exceptions=True)
                 await coordinator.close()
                 log.info("shutdown: log closed; %d unfinished transactions left in it", left)
+            for observer in observers:
+                shutdown = getattr(observer, "shutdown", None)
+                if callable(shutdown):
+                    await asyncio.to_thread(shutdown)
             api.state.stopped = True
 
     async def http_error(request: Request, exc: Exception) -> Response:

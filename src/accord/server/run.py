@@ -29,6 +29,7 @@ import uvicorn
 
 from accord.coordinator import Coordinator
 from accord.log import open_store
+from accord.observability import TracingObserver
 from accord.server.app import ServerConfig, create_app
 from accord.server.auth import check_token
 from accord.server.limits import AllowList, Limits
@@ -53,6 +54,8 @@ class ServeOptions:
     drain_timeout_s: float = 10.0
     limits: Limits = field(default_factory=Limits)
     max_connections: int = 2048
+    # Spans of transactions and calls (``tracing_from_env()``); None: no tracing.
+    tracing: TracingObserver | None = None
 
 
 def load_keys(path: Path) -> dict[str, Key]:
@@ -123,7 +126,10 @@ def load_tokens(path: Path, *, create: bool) -> tuple[str, ...]:
 def build(options: ServeOptions) -> tuple[Any, Coordinator]:
     """The app and its coordinator (not started: the app's lifespan starts it)."""
     store = open_store(options.store_url)
-    transport = HttpTransport(options.keys)
+    tracing = options.tracing
+    transport = HttpTransport(
+        options.keys, traceparent=tracing.traceparent if tracing is not None else None
+    )
     coordinator = Coordinator(store, transport, max_in_flight=options.max_in_flight)
     allow = AllowList([*options.allow, *options.keys])
     config = ServerConfig(
@@ -133,7 +139,8 @@ def build(options: ServeOptions) -> tuple[Any, Coordinator]:
         limits=options.limits,
         drain_timeout_s=options.drain_timeout_s,
     )
-    return create_app(coordinator, config), coordinator
+    app = create_app(coordinator, config, observers=[tracing] if tracing is not None else [])
+    return app, coordinator
 
 
 class _Server(uvicorn.Server):
@@ -172,7 +179,7 @@ def serve_forever(options: ServeOptions) -> None:
         timeout_graceful_shutdown=int(options.drain_timeout_s) + 1,
     )
     server = _Server(config, app.state.api.start_draining)
-    server.run()
+    server.run()  # the app's lifespan shuts tracing down (flushing its exporter)
     if not server.started:
         raise SystemExit(1)
 
