@@ -209,8 +209,9 @@ async def throughput_once(
     try:
         await run.start_services()
         names = [f"n{i + 1}" for i in range(nodes)]
+        per_node = max(args.concurrency // nodes, 1) if args.split else args.concurrency
         for name in names:
-            run.start_node(name, shards=args.shards, ttl_s=args.ttl, concurrency=args.concurrency)
+            run.start_node(name, shards=args.shards, ttl_s=args.ttl, concurrency=per_node)
         await run.settled(conn, names, args.shards)
         specs = run.specs()
         async with ClusterClient(DSN, schema=run.schema) as client:
@@ -283,8 +284,9 @@ async def throughput(args: argparse.Namespace) -> None:
     finally:
         await conn.close()
     what = "null participants" if args.null else "the shop over HTTP"
+    per = "in all" if args.split else "per node"
     print(
-        f"\n{what}, {args.orders} orders, {args.concurrency} in flight per node,"
+        f"\n{what}, {args.orders} orders, {args.concurrency} in flight {per},"
         f" {args.shards} shards, median of {args.repeat}:"
     )
     head = f"{'nodes':>5} {'tx/s':>8} {'p50 ms':>8} {'p99 ms':>8}"
@@ -437,6 +439,9 @@ def main() -> None:
     t.add_argument("--concurrency", type=int, default=100)
     t.add_argument("--repeat", type=int, default=1)
     t.add_argument("--null", action="store_true", help="participants answer at once, uncalled")
+    t.add_argument(
+        "--split", action="store_true", help="--concurrency is the total, split between nodes"
+    )
     f = sub.add_parser("failover")
     f.add_argument("--kills", type=int, default=10)
     f.add_argument("--orders-per-round", type=int, default=200)

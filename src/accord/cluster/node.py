@@ -55,6 +55,7 @@ from accord.cluster.inbox import Inbox, outcome, spec_from_bytes
 from accord.cluster.leases import LeaseTable, check_node_id, check_schema
 from accord.cluster.shards import DEFAULT_SHARDS, check_shards, shard_of
 from accord.coordinator import DEFAULT_MAX_IN_FLIGHT, Coordinator, Observer, TxnResult
+from accord.core.records import TxnSnapshot
 from accord.core.spec import TransactionSpec
 from accord.errors import AccordError, CoordinatorClosed, StoreError
 from accord.log.base import Fenced
@@ -169,6 +170,8 @@ class ClusterNode:
         self._epochs: dict[str, int] = {}
         self._driving: dict[int, set[str]] = {}  # shard -> txids driven here
         self._picked: set[str] = set()  # taken from the inbox, not finished
+        # Taken-over transactions still waiting for a slot: they go before new work.
+        self._resuming = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pickup = asyncio.Event()
         self._open = False  # its loops run
@@ -504,7 +507,16 @@ class ClusterNode:
             self._epochs[snap.txid] = got[shard_of(snap.txid, self.shards)]
         for shard in mine:
             self._leases[shard].state = LeaseState.READY
-        self._pickup.set()
+        self._resuming += len(snaps)
+        try:
+            await self._resume(snaps, got)
+        finally:
+            self._resuming -= len(snaps)
+            self._pickup.set()
+        if snaps:
+            log.info("node %s resumed %d open transactions", self.node, len(snaps))
+
+    async def _resume(self, snaps: list[TxnSnapshot], got: dict[int, int]) -> None:
         for snap in snaps:
             shard = shard_of(snap.txid, self.shards)
             lease = self._leases.get(shard)
@@ -517,8 +529,6 @@ class ClusterNode:
             for fut in futures:
                 self._track(snap.txid, shard, got[shard], fut)
             self.stats.resumed += len(futures)
-        if snaps:
-            log.info("node %s resumed %d open transactions", self.node, len(snaps))
 
     def _still_mine(self, got: dict[int, int]) -> set[int]:
         return {
@@ -614,7 +624,7 @@ class ClusterNode:
             if lease.state is LeaseState.READY and lease.valid_until > now
         ]
         free = self.coordinator.max_in_flight - self.coordinator.in_flight
-        if not ready or free <= 0 or not self._accepting:
+        if not ready or free <= 0 or not self._accepting or self._resuming:
             return
         rows = await self.inbox.take(ready, free + len(self._picked))
         for txid, blob in rows:
