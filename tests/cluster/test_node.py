@@ -13,9 +13,10 @@ import pytest
 from accord.cluster import ClusterClient
 from accord.cluster.shards import shard_of
 from accord.coordinator import TxnResult
-from accord.core.records import TxnStatus
+from accord.core.records import Begin, TxnStatus
 from accord.core.spec import Op, TransactionSpec
-from accord.errors import DuplicateTransaction
+from accord.errors import DuplicateTransaction, StoreError
+from accord.log import PostgresStore
 
 from .db import PG_DSN, pg
 from .world import SHARDS, TTL_S, World, writers
@@ -189,3 +190,31 @@ async def test_a_node_that_wrongly_trusts_its_lease_is_fenced_by_the_log(
     late_confirms = [c for c in w.calls if c[0] == "a" and c[2] is Op.CONFIRM and c[3] > taken_at]
     assert all(txid in decided for _, txid, _, _ in late_confirms)
     await w.check()
+
+
+async def test_a_single_coordinators_log_becomes_a_clusters(
+    world: Callable[..., World], schema: str
+) -> None:
+    """The first node on a log written by a lone coordinator gives its open
+    transactions their shards and drives them to the end; the lone store may
+    then only read it."""
+    w = world(orders=5)
+    lone = PostgresStore(PG_DSN, schema=schema, pool_size=1)
+    await lone.open()
+    for spec in w.specs:
+        lone.append(Begin(spec, 1, 30_001))
+    await lone.flush()
+    await lone.close()
+    a = await w.node("a")
+    await w.settled("a")
+    async with ClusterClient(PG_DSN, schema=schema) as client:
+        results = await asyncio.gather(*(client.result(s, timeout_s=30) for s in w.specs))
+    assert [r.status for r in results] == [TxnStatus.ABORTED] * 5  # presumed abort
+    assert a.stats.resumed == 5
+    again = PostgresStore(PG_DSN, schema=schema, pool_size=1)
+    await again.open()
+    try:
+        with pytest.raises(StoreError, match="only its nodes write"):
+            again.append(Begin(w.specs[0], 1, 30_001))
+    finally:
+        await again.close()
