@@ -730,3 +730,58 @@ async def test_a_failing_observer_never_breaks_a_transaction() -> None:
     finally:
         await w.coord.close()
     assert result.committed
+
+
+async def test_a_full_coordinator_holds_up_a_retry_but_not_other_operators(
+    make_store: Callable[[], Store],
+) -> None:
+    """max_in_flight reached: an operator's retry of a parked transaction waits for a
+    slot without holding the operator lock (a resolve goes through meanwhile), and
+    proceeds once a slot frees."""
+    gate = Gate()
+    broken = Participant(
+        answer=lambda c: Reply(Outcome.TRANSIENT, error="down") if c.op is Op.CONFIRM else OK
+    )
+    coord = Coordinator(
+        make_store(), InProcessTransport({"gate": gate, "p0": broken}), max_in_flight=1
+    )
+    await coord.start()
+    try:
+        for txid in ("na1", "na2"):
+            parked = await asyncio.wait_for(coord.run(tcc(txid, "p0")), 10)
+            assert parked.status is TxnStatus.NEEDS_ATTENTION
+        blocking = await coord.submit(tcc("busy", "gate"))  # holds the only slot
+        await until(lambda: len(gate.calls) == 1)
+        broken.answer = lambda call: OK
+        retry = asyncio.ensure_future(coord.retry("na1", "fixed"))
+        await asyncio.sleep(0.05)
+        assert not retry.done()  # waiting for a slot
+        resolved = await asyncio.wait_for(coord.resolve("na2", "repaired by hand"), 5)
+        assert resolved is TxnStatus.COMMITTED
+        gate.open()
+        assert (await asyncio.wait_for(blocking, 10)).committed
+        resumed = await asyncio.wait_for(retry, 10)
+        assert resumed is not None
+        assert (await asyncio.wait_for(resumed, 10)).status is TxnStatus.COMMITTED
+    finally:
+        await coord.close()
+
+
+async def test_a_caller_that_stops_waiting_does_not_hide_the_outcome() -> None:
+    """The result future cancelled (e.g. wait_for timed out): the transaction still
+    finishes, and metrics and observers hear of its end."""
+    recorder = Recorder()
+    gate = Gate()
+    coord = Coordinator(MemoryStore(), InProcessTransport({"gate": gate}), observer=recorder)
+    await coord.start()
+    try:
+        fut = await coord.submit(tcc("t1", "gate"))
+        await until(lambda: len(gate.calls) == 1)
+        fut.cancel()
+        gate.open()
+        await until(lambda: coord.in_flight == 0)
+        assert coord.metrics.committed == 1
+        assert recorder.events[-1] == ("finished", "t1", TxnStatus.COMMITTED)
+        assert await status_in_log(coord.store, "t1") == (TxnStatus.COMMITTED, Decision.COMMIT)
+    finally:
+        await coord.close()

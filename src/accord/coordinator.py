@@ -15,7 +15,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -157,6 +157,10 @@ class _Run:
         # The branches as the terminal record logged them, reused for the result.
         self.summary: tuple[BranchSummary, ...] | None = None
 
+
+# What an operator's action found: a result future (running, or already
+# finished), a snapshot to resume, or nothing to do.
+_Operated = asyncio.Future[TxnResult] | TxnSnapshot | None
 
 _CRASH_KIND = {
     Begin: "begin",
@@ -308,6 +312,10 @@ class Coordinator:
 
     async def _resume_one(self, snap: TxnSnapshot) -> asyncio.Future[TxnResult]:
         await self._acquire_slot()
+        return self._resume_held(snap)
+
+    def _resume_held(self, snap: TxnSnapshot) -> asyncio.Future[TxnResult]:
+        """Resume ``snap`` on a slot the caller holds (released if it runs already)."""
         running = self._runs.get(snap.txid)
         if running is not None:
             self._slots.release()
@@ -344,21 +352,56 @@ class Coordinator:
         if run is not None:
             self._post(run, RetryRequested(reason, self._now_ms()))
             return run.result
-        async with self._operator_lock:  # one resumption, however many operators
-            run = self._runs.get(txid)
-            if run is not None:
-                return run.result
-            snap = await self.store.get(txid)
-            if snap is None:
-                raise TransactionNotFound(f"no transaction {txid!r}", txid=txid)
-            if snap.status is not TxnStatus.NEEDS_ATTENTION:
-                return None
-            self.store.append(OperatorAction(txid, "retry", reason, self._now_ms()))
-            await self.store.flush()
-            snap = await self.store.get(txid)
-            if snap is None or snap.status.terminal:
-                raise AccordError(f"transaction {txid!r} could not be resumed", txid=txid)
-            return await self._resume_one(snap)
+        return await self._operate(partial(self._reopen, txid, reason))
+
+    async def _reopen(
+        self, txid: str, reason: str
+    ) -> asyncio.Future[TxnResult] | TxnSnapshot | None:
+        run = self._runs.get(txid)
+        if run is not None:
+            return run.result
+        snap = await self.store.get(txid)
+        if snap is None:
+            raise TransactionNotFound(f"no transaction {txid!r}", txid=txid)
+        if snap.status is not TxnStatus.NEEDS_ATTENTION:
+            return None
+        self.store.append(OperatorAction(txid, "retry", reason, self._now_ms()))
+        await self.store.flush()
+        snap = await self.store.get(txid)
+        if snap is None or snap.status.terminal:
+            raise AccordError(f"transaction {txid!r} could not be resumed", txid=txid)
+        return snap
+
+    async def _operate(
+        self,
+        act: Callable[[], Awaitable[_Operated]],
+    ) -> asyncio.Future[TxnResult] | None:
+        """Run an operator's ``act`` that may resume a transaction: with a slot
+        taken first (a full coordinator then makes this caller wait, not every
+        other operator behind the lock), under the operator lock (one
+        resumption, however many operators), and shielded: once ``act`` has
+        written its records, the resumption completes even if the caller
+        stops waiting. ``act`` returns a snapshot to resume, a result future,
+        or None."""
+        await self._acquire_slot()
+
+        async def locked() -> asyncio.Future[TxnResult] | None:
+            resumed = False
+            try:
+                async with self._operator_lock:
+                    outcome = await act()
+                    if isinstance(outcome, TxnSnapshot):
+                        resumed = True
+                        return self._resume_held(outcome)
+                    return outcome
+            finally:
+                if not resumed:
+                    self._slots.release()
+
+        task = asyncio.ensure_future(locked())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(task)
 
     def abort(self, txid: str, reason: str) -> bool:
         """Ask a running transaction to abort; True if it had no decision yet."""
@@ -378,28 +421,30 @@ class Coordinator:
         run = self._runs.get(txid)
         if run is not None:
             return run.result if self.abort(txid, reason) else None
-        async with self._operator_lock:
-            snap = await self.store.get(txid)
-            # Re-checked after the read, with no await until the records are
-            # queued: a run started meanwhile must not race an abort decision.
-            if txid in self._runs:
-                return self._runs[txid].result if self.abort(txid, reason) else None
-            if snap is None:
-                raise TransactionNotFound(f"no transaction {txid!r}", txid=txid)
-            if snap.decision is not None or snap.status is not TxnStatus.PREPARING:
-                return None
-            now_ms = self._now_ms()
-            self.store.append(OperatorAction(txid, "abort", reason, now_ms))
-            why = f"aborted by operator: {reason}"
-            self.store.append(Decided(txid, Decision.ABORT, why, now_ms))
-            await self.store.flush()
-            snap = await self.store.get(txid)
-            if snap is None or snap.decision is not Decision.ABORT:
-                raise AccordError(f"transaction {txid!r} could not be aborted", txid=txid)
-            if snap.status.terminal:  # finished by a recovery that read it earlier
-                result = TxnResult(txid, snap.status, snap.reason, snap.branches)
-                return _resolved(self._loop, result)
-            return await self._resume_one(snap)
+        return await self._operate(partial(self._abort_logged, txid, reason))
+
+    async def _abort_logged(self, txid: str, reason: str) -> _Operated:
+        snap = await self.store.get(txid)
+        # Re-checked after the read, with no await until the records are
+        # queued: a run started meanwhile must not race an abort decision.
+        if txid in self._runs:
+            return self._runs[txid].result if self.abort(txid, reason) else None
+        if snap is None:
+            raise TransactionNotFound(f"no transaction {txid!r}", txid=txid)
+        if snap.decision is not None or snap.status is not TxnStatus.PREPARING:
+            return None
+        now_ms = self._now_ms()
+        self.store.append(OperatorAction(txid, "abort", reason, now_ms))
+        why = f"aborted by operator: {reason}"
+        self.store.append(Decided(txid, Decision.ABORT, why, now_ms))
+        await self.store.flush()
+        snap = await self.store.get(txid)
+        if snap is None or snap.decision is not Decision.ABORT:
+            raise AccordError(f"transaction {txid!r} could not be aborted", txid=txid)
+        if snap.status.terminal:  # finished by a recovery that read it earlier
+            result = TxnResult(txid, snap.status, snap.reason, snap.branches)
+            return _resolved(self._loop, result)
+        return snap
 
     async def resolve(self, txid: str, reason: str) -> TxnStatus | None:
         """Close a needs-attention transaction that an operator repaired by hand.
@@ -653,11 +698,11 @@ class Coordinator:
         run.finished = True
         self._release(run)
         result = run.result
-        if result.done():
-            return
         if status is None:
-            result.set_exception(error or CoordinatorClosed("the coordinator stopped"))
+            if not result.done():
+                result.set_exception(error or CoordinatorClosed("the coordinator stopped"))
             return
+        # Counted and observed even if the caller stopped waiting (cancelled).
         if status is TxnStatus.COMMITTED:
             self.metrics.committed += 1
         elif status is TxnStatus.ABORTED:
@@ -667,11 +712,9 @@ class Coordinator:
         state = run.state
         assert self._loop is not None
         latency_s = self._loop.time() - run.started_s
-        result.set_result(
-            TxnResult(
-                state.txid, status, state.reason, run.summary or machine.summaries(state), latency_s
-            )
-        )
+        if not result.done():
+            summary = run.summary or machine.summaries(state)
+            result.set_result(TxnResult(state.txid, status, state.reason, summary, latency_s))
         if self.observer is not None:
             self._observe("txn_finished", state.txid, status, state.reason, latency_s)
 
