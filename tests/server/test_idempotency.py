@@ -146,3 +146,28 @@ def test_without_a_key_each_submit_is_a_new_transaction(live_server: LiveServer)
         for _ in range(3)
     }
     assert len(ids) == 3
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+@pytest.mark.parametrize(
+    ("mode", "status"),
+    [("ok", "committed"), ("refuse", "aborted"), ("fail_phase2", "needs_attention")],
+)
+def test_every_replay_of_a_terminal_key_gets_the_first_answer(
+    tmp_path: Path, backend: str, mode: str, status: str
+) -> None:
+    """The wait=true answer and every later replay of its key: the same body (decision too)."""
+    store: Store | None = SQLiteStore(tmp_path / "log.db") if backend == "sqlite" else None
+    participants = FakeParticipants()
+    participants.mode["payment"] = mode
+    with start_live_server(store=store, participants=participants) as live:
+        url = f"{live.url}/v1/transactions"
+        headers = {**live.headers, "idempotency-key": "same-1"}
+        first = httpx.post(url + "?wait=true", json=order_body(), headers=headers, timeout=30)
+        assert first.status_code == 200, first.text
+        assert first.json()["status"] == status
+        for _ in range(2):
+            again = httpx.post(url, json=order_body(), headers=headers, timeout=30)
+            assert (again.status_code, again.json()) == (200, first.json())
+    if status == "needs_attention":
+        assert first.json()["decision"] == "commit"

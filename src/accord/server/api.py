@@ -204,9 +204,28 @@ class Api:
         if fut.done():
             if fut.cancelled() or fut.exception() is not None:
                 _raise_for(fut.exception() if not fut.cancelled() else None, spec.id)
-            result = fut.result()
-            return _json(200, _result_out(result), _location(spec.id))
+            return _json(200, await self._terminal_out(fut.result()), _location(spec.id))
         return _json(202, self._pending_out(spec), _location(spec.id))
+
+    async def _terminal_out(self, result: TxnResult) -> schema.SubmitOut:
+        """A terminal transaction's answer, read from the log: the same body a
+        later submit with the same key reads (see _admit_keyed), so that every
+        replay of a key answers alike."""
+        await self._durable()  # the end may not be durable yet (a TCC commit's)
+        snap = await self._get(result.txid)
+        if snap is not None and snap.status.terminal:
+            return _submit_out(result.txid, snap)
+        # Not in the log as ended (the store refused the record): the result,
+        # with the decision the log holds.
+        decision = snap.decision if snap is not None else None
+        return schema.SubmitOut(
+            result.txid,
+            result.status.value,
+            _decision(decision.value if decision else None),
+            result.reason,
+            _path(result.txid),
+            _summaries(result.branches),
+        )
 
     async def _admit_keyed(self, spec: TransactionSpec) -> asyncio.Future[TxnResult] | Response:
         """Admit a client-keyed spec: the known transaction's answer if the log
@@ -741,18 +760,6 @@ def _submit_out(txid: str, snap: TxnSnapshot) -> schema.SubmitOut:
         snap.reason,
         _path(txid),
         _summaries(snap.branches),
-    )
-
-
-def _result_out(r: TxnResult) -> schema.SubmitOut:
-    decision = _decision({TxnStatus.COMMITTED: "commit", TxnStatus.ABORTED: "abort"}.get(r.status))
-    return schema.SubmitOut(
-        r.txid,
-        r.status.value,
-        decision,
-        r.reason,
-        _path(r.txid),
-        _summaries(r.branches),
     )
 
 
