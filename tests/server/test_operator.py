@@ -9,6 +9,13 @@ import httpx
 import pytest
 
 from accord.core.records import OperatorAction
+from accord.errors import (
+    AccordError,
+    CoordinatorClosed,
+    Overloaded,
+    StoreError,
+    TransactionNotFound,
+)
 
 from .conftest import LiveServer, order_body, wait_until
 
@@ -137,3 +144,41 @@ def test_an_action_needs_a_reason(live_server: LiveServer, body: dict, names: st
     assert r.status_code == 422, r.text
     assert names in r.json()["error"]
     assert _get(live_server, "op-6")["status"] == "needs_attention"
+
+
+_METHODS = {"retry": "retry", "abort": "abort_any", "resolve": "resolve"}
+
+
+@pytest.mark.parametrize("action", ["retry", "abort", "resolve"])
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [
+        (TransactionNotFound("no transaction 'op-7'", txid="op-7"), 404, "not_found"),
+        (CoordinatorClosed("the coordinator is not running"), 503, "unavailable"),
+        (StoreError("database is locked"), 503, "unavailable"),
+        (Overloaded("in-flight limit reached"), 503, "overloaded"),
+        (AccordError("transaction 'op-7' could not be resumed"), 409, "not_applicable"),
+    ],
+    ids=["not-found", "closed", "store", "overloaded", "state-changed"],
+)  # fmt: skip
+def test_every_failure_of_an_action_is_a_clear_status(
+    live_server: LiveServer,
+    monkeypatch: pytest.MonkeyPatch,
+    action: str,
+    error: Exception,
+    status: int,
+    code: str,
+) -> None:
+    """Whatever the coordinator raises: 404, 409 with the state, or 503 with Retry-After; no 500."""
+    _park(live_server, "op-7")
+
+    async def failing(txid: str, reason: str) -> None:
+        raise error
+
+    monkeypatch.setattr(live_server.coordinator, _METHODS[action], failing)
+    r = _post(live_server, f"/v1/transactions/op-7/{action}", {"reason": "why"})
+    assert (r.status_code, r.json()["code"]) == (status, code), r.text
+    if status == 503:
+        assert r.headers["retry-after"] == "1"
+    if status == 409:
+        assert "needs_attention" in r.json()["error"]

@@ -93,6 +93,16 @@ def _unavailable(message: str) -> ErrorResponse:
     return ErrorResponse(503, "unavailable", message, retry_after_s=1)
 
 
+def _overloaded(max_in_flight: int) -> ErrorResponse:
+    return ErrorResponse(
+        503,
+        "overloaded",
+        f"{max_in_flight} transactions in flight (max_in_flight); retry later with the same id",
+        limit="max_in_flight",
+        retry_after_s=1,
+    )
+
+
 @dataclass(slots=True)
 class ServerState:
     """What readyz reports; set by the app's lifespan."""
@@ -269,14 +279,7 @@ class Api:
             except TimeoutError:
                 raise Overloaded("in-flight limit reached", txid=spec.id) from None
         except Overloaded:
-            raise ErrorResponse(
-                503,
-                "overloaded",
-                f"{coordinator.max_in_flight} transactions in flight (max_in_flight);"
-                " retry later with the same id",
-                limit="max_in_flight",
-                retry_after_s=1,
-            ) from None
+            raise _overloaded(coordinator.max_in_flight) from None
         except DuplicateTransaction:
             raise _conflict(spec.id) from None
         except CoordinatorClosed:
@@ -571,52 +574,46 @@ class Api:
         return txid, reason, wait, wait_s
 
     async def retry(self, request: Request) -> Response:
-        txid, reason, wait, wait_s = await self._action_input(request)
-        try:
-            fut = await self.coordinator.retry(txid, reason)
-        except TransactionNotFound:
-            raise _not_found(txid) from None
-        except CoordinatorClosed:
-            raise _unavailable("the coordinator is not running") from None
-        except StoreError as exc:
-            raise _unavailable(f"the log is unavailable: {exc}") from None
-        if fut is None:
-            raise await self._not_applicable(
-                txid, "retry", "only a running or needs_attention transaction can be retried"
-            )
-        return await self._acted(txid, "retry", fut, wait, wait_s)
+        return await self._operate(request, "retry")
 
     async def abort(self, request: Request) -> Response:
+        return await self._operate(request, "abort")
+
+    async def resolve(self, request: Request) -> Response:
+        return await self._operate(request, "resolve")
+
+    async def _operate(self, request: Request, action: str) -> Response:
+        """An operator action, every failure mapped to a clear answer: 404 for
+        an unknown id, 409 when it does not apply to the transaction's state
+        (or the state changed under it), 503 with Retry-After when the
+        coordinator or its log cannot take it now."""
         txid, reason, wait, wait_s = await self._action_input(request)
+        c = self.coordinator
         try:
-            fut = await self.coordinator.abort_any(txid, reason)
+            if action == "retry":
+                done: asyncio.Future[TxnResult] | TxnStatus | None = await c.retry(txid, reason)
+            elif action == "abort":
+                done = await c.abort_any(txid, reason)
+            else:
+                done = await c.resolve(txid, reason)
         except TransactionNotFound:
             raise _not_found(txid) from None
         except CoordinatorClosed:
             raise _unavailable("the coordinator is not running") from None
+        except Overloaded:
+            raise _overloaded(c.max_in_flight) from None
         except StoreError as exc:
             raise _unavailable(f"the log is unavailable: {exc}") from None
-        if fut is None:
-            raise await self._not_applicable(
-                txid, "abort", "only a transaction without a decision can be aborted"
-            )
-        return await self._acted(txid, "abort", fut, wait, wait_s)
-
-    async def resolve(self, request: Request) -> Response:
-        txid, reason, _, _ = await self._action_input(request)
-        try:
-            status = await self.coordinator.resolve(txid, reason)
-        except TransactionNotFound:
-            raise _not_found(txid) from None
-        except StoreError as exc:
-            raise _unavailable(f"the log is unavailable: {exc}") from None
-        if status is None:
-            raise await self._not_applicable(
-                txid, "resolve", "only a needs_attention transaction can be resolved"
-            )
-        snap = await self._get(txid)
-        assert snap is not None  # resolve read it back
-        return _json(200, _action_out(txid, "resolve", snap.status, snap.decision, snap.reason))
+        except AccordError as exc:  # the log read back disagrees: the state changed
+            raise await self._not_applicable(txid, action, str(exc)) from None
+        if done is None:
+            raise await self._not_applicable(txid, action, _ACTION_RULES[action])
+        if isinstance(done, TxnStatus):  # resolved: terminal at once, in the log
+            snap = await self._get(txid)
+            if snap is None:
+                raise _unavailable(f"transaction {txid!r} was resolved but cannot be read back")
+            return _json(200, _action_out(txid, action, snap.status, snap.decision, snap.reason))
+        return await self._acted(txid, action, done, wait, wait_s)
 
     async def _acted(
         self, txid: str, action: str, fut: asyncio.Future[TxnResult], wait: bool, wait_s: float
@@ -657,6 +654,11 @@ class Api:
 
 # ---------------------------------------------------------------- helpers
 
+_ACTION_RULES = {
+    "retry": "only a running or needs_attention transaction can be retried",
+    "abort": "only a transaction without a decision can be aborted",
+    "resolve": "only a needs_attention transaction can be resolved",
+}
 _WAIT_PARAMS = ("wait", "wait_s")
 _LIST_PARAMS = ("state", "since", "limit", "cursor")
 
