@@ -8,7 +8,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+import accord.server.app
 from accord import SQLiteStore, TxnStatus
+from accord.core.records import TxnSnapshot
+from accord.errors import StoreError
 
 from .conftest import FakeParticipants, LiveServer, order_body, start_live_server, wait_until
 
@@ -186,6 +189,54 @@ def test_readyz_is_503_until_recovery_is_done(tmp_path: Path) -> None:
         wait_until(lambda: httpx.get(f"{live.url}/readyz").status_code == 200)
         for txid in ("rec-1", "rec-2"):
             wait_until(lambda txid=txid: live.run(live.store.get(txid)).status.terminal)
+
+
+class _FlakyStartStore(SQLiteStore):
+    """A log whose first ``failures`` recovery scans fail (the database is down)."""
+
+    def __init__(self, path: Path, failures: int) -> None:
+        super().__init__(path)
+        self.failures = failures
+        self.scans = 0
+        self.opened = False
+
+    async def open(self) -> None:
+        await super().open()
+        self.opened = True
+
+    async def load_active(self) -> list[TxnSnapshot]:
+        if not self.opened:  # the store's own check at open
+            return await super().load_active()
+        self.scans += 1
+        if self.scans <= self.failures:
+            raise StoreError("database is down")
+        return await super().load_active()
+
+
+def test_a_failed_recovery_is_retried_until_it_succeeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The log unreadable at start, twice: recovery retries with backoff, then
+    readyz turns 200 and the unfinished transaction is driven to its end."""
+    monkeypatch.setattr(accord.server.app, "RECOVERY_INITIAL_DELAY_S", 0.2, raising=False)
+    db = tmp_path / "log.db"
+    participants = FakeParticipants()
+    participants.mode["order"] = "hang"
+    with start_live_server(
+        store=SQLiteStore(db), participants=participants, drain_timeout_s=0
+    ) as live:
+        _submit(live, order_body("flaky-1"), query="")
+    store = _FlakyStartStore(db, failures=2)
+    with start_live_server(store=store) as live:
+        wait_until(lambda: store.scans >= 1, what="the first recovery scan")
+        r = httpx.get(f"{live.url}/readyz")
+        assert r.status_code == 503 and "database is down" in r.json()["detail"]
+        wait_until(lambda: httpx.get(f"{live.url}/readyz").status_code == 200, what="ready")
+        wait_until(lambda: live.run(live.store.get("flaky-1")).status.terminal)
+        assert store.scans == 3
+        assert live.coordinator.metrics.recovered == 1
+    failures = [r for r in caplog.records if "recovery failed" in r.getMessage()]
+    assert [f"attempt {n}" in r.getMessage() for n, r in enumerate(failures, 1)] == [True, True]
 
 
 def test_stats_scan_the_log_at_most_once_per_max_age(

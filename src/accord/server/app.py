@@ -3,10 +3,11 @@
 The app's lifespan owns the coordinator (unless told otherwise): at start
 it opens the log and resumes every unfinished transaction in the
 background (``/readyz`` answers 503 until that is done, while submits are
-already taken); at shutdown it stops taking submits, lets the transactions
-in flight finish for up to ``drain_timeout_s``, then closes the
-coordinator, which makes the log durable. What is still unfinished then
-stays in the log and the next start resumes it.
+already taken; a failed recovery is retried with backoff); at shutdown it
+stops taking submits, lets the transactions in flight finish for up to
+``drain_timeout_s``, then closes the coordinator, which makes the log
+durable. What is still unfinished then stays in the log and the next
+start resumes it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from accord.coordinator import Coordinator, Observer
+from accord.errors import CoordinatorClosed
 from accord.server.api import Api, ErrorResponse
 from accord.server.auth import BearerAuth, check_token
 from accord.server.history import HistoryObserver
@@ -34,6 +36,10 @@ from accord.server.observers import FanOut
 from accord.server.schema import ErrorOut, openapi_document
 
 log = logging.getLogger("accord.server")
+
+# A failed recovery is retried after this long, doubling up to the maximum.
+RECOVERY_INITIAL_DELAY_S = 0.5
+RECOVERY_MAX_DELAY_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,15 +197,39 @@ def create_app(
 
 
 async def _recover(coordinator: Coordinator, api: Api) -> None:
-    """Resume every unfinished transaction of the log; then the server is ready."""
-    try:
-        resumed = await coordinator.resume()
-    except Exception as exc:  # reported by readyz, and logged
-        log.exception("recovery failed")
-        api.state.recovery_error = f"recovery failed: {exc}"
-        return
-    if resumed:
-        log.info("recovery: resumed %d transactions", len(resumed))
+    """Resume every unfinished transaction of the log; then the server is ready.
+
+    A failure (the log's database briefly down at start, say) is retried with
+    capped exponential backoff until it succeeds or the app stops (which
+    cancels this): unfinished transactions must not wait for a restart.
+    Transactions resumed by an earlier attempt are not resumed twice."""
+    delay_s = RECOVERY_INITIAL_DELAY_S
+    attempt = 1
+    while True:
+        try:
+            resumed = await coordinator.resume()
+        except CoordinatorClosed:
+            api.state.recovery_error = "recovery stopped: the coordinator is not running"
+            return
+        except Exception as exc:  # reported by readyz, logged, retried
+            log.warning(
+                "recovery failed (attempt %d), retrying in %.1f s: %s",
+                attempt,
+                delay_s,
+                exc,
+                exc_info=attempt == 1,  # the traceback once; then one line an attempt
+            )
+            api.state.recovery_error = (
+                f"recovery failed (attempt {attempt}), retrying in {delay_s:g} s: {exc}"
+            )
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, RECOVERY_MAX_DELAY_S)
+            attempt += 1
+            continue
+        break
+    if resumed or attempt > 1:
+        log.info("recovery: resumed %d transactions (attempt %d)", len(resumed), attempt)
+    api.state.recovery_error = ""
     api.state.recovering = False
 
 
