@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner, Result
 
-from accord import ApiError, Client, DuplicateTransaction, SyncClient, TransactionNotFound
-from accord.cli import app
+from accord import (
+    ApiError,
+    Call,
+    Client,
+    DuplicateTransaction,
+    Reply,
+    SQLiteStore,
+    SyncClient,
+    TransactionNotFound,
+)
+from accord.cli import app, remote
 from accord.errors import InvalidTransaction
 
-from .conftest import LiveServer, order_body
+from .conftest import FakeParticipants, LiveServer, order_body, start_live_server
 
 runner = CliRunner()
 
@@ -83,6 +96,55 @@ def test_cli_errors_are_clear(live_server: LiveServer, monkeypatch: pytest.Monke
     assert r.exit_code == 2 and "not a readable JSON" in r.output
     monkeypatch.setenv("ACCORD_TOKEN", live_server.token)
     assert invoke(live_server, "list", token=False).exit_code == 0
+
+
+MARKUP_ERROR = "HTTP 500: [/x] [bold]loud"
+MARKUP_REASON = "[bold]fixed[/x] by [red]hand"
+
+
+class _MarkupParticipants(FakeParticipants):
+    """Fakes whose errors look like rich markup (a proxy's 500 page, say)."""
+
+    def handler(self, name: str) -> Callable[[Call], Any]:
+        handle = super().handler(name)
+
+        def marked(call: Call) -> Any:
+            reply = handle(call)
+            if isinstance(reply, Reply) and reply.error:
+                return reply._replace(error=MARKUP_ERROR)
+            return reply
+
+        return marked
+
+
+def test_data_that_looks_like_markup_is_shown_as_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Errors, reasons and ids with [/x] or [bold] in them: printed literally by
+    show and list (remote, and show of a log file), never parsed as markup."""
+    wide = Console(width=400)
+    monkeypatch.setattr(remote, "out", wide)
+    monkeypatch.setattr(importlib.import_module("accord.cli.app"), "out", wide)
+    participants = _MarkupParticipants()
+    participants.mode["payment"] = "fail_phase2"
+    db = tmp_path / "log.db"
+    with start_live_server(store=SQLiteStore(db), participants=participants) as live:
+        r = invoke(live, "submit", "--id", "mk-1", "--wait", stdin=json.dumps(order_body()))
+        assert r.exit_code == 0, r.output
+        r = invoke(live, "resolve", "mk-1", "--reason", MARKUP_REASON)
+        assert r.exit_code == 0, r.output
+        shown = invoke(live, "show", "mk-1")
+        listed = invoke(live, "list")
+    for result, texts in (
+        (shown, (MARKUP_ERROR, MARKUP_REASON)),
+        (listed, (f"resolved by operator: {MARKUP_REASON}",)),
+    ):
+        assert result.exit_code == 0, result.output
+        for text in texts:
+            assert text in result.stdout, result.stdout
+    local = runner.invoke(app, ["txn", "show", "mk-1", "--store", f"sqlite:///{db}"])
+    assert local.exit_code == 0, local.output
+    assert MARKUP_ERROR in local.stdout and MARKUP_REASON in local.stdout, local.stdout
 
 
 def test_token_file_is_read(live_server: LiveServer, tmp_path: Path) -> None:

@@ -526,20 +526,22 @@ def txn_show(
         sys.stdout.write(json.dumps(detail, default=str) + "\n")
         return
     out.print(
-        f"[bold]{detail['id']}[/] {detail['protocol']} [bold]{detail['status']}[/]"
-        f" decision={detail['decision']} reason={detail['reason']!r}"
+        f"[bold]{escape(detail['id'])}[/] {detail['protocol']} [bold]{detail['status']}[/]"
+        f" decision={detail['decision']} reason={escape(repr(detail['reason']))}"
     )
     table = Table(title="branches")
     for col in ("name", "participant", "status", "op", "attempts", "error"):
         table.add_column(col)
     for b in detail["branches"]:
         table.add_row(
-            b["name"],
-            b["participant"],
-            str(b.get("status", "-")),
-            str(b.get("op", "-")),
-            str(b.get("attempts", "-")),
-            str(b.get("error", ""))[:60],
+            *remote.cells(
+                b["name"],
+                b["participant"],
+                b.get("status", "-"),
+                b.get("op", "-"),
+                b.get("attempts", "-"),
+                str(b.get("error", ""))[:60],
+            )
         )
     out.print(table)
     history = Table(title="log records")
@@ -547,7 +549,7 @@ def txn_show(
     history.add_column("detail")
     for h in detail["history"]:
         rest = {k: v for k, v in h.items() if k not in ("record", "txid", "branches")}
-        history.add_row(h["record"], json.dumps(rest, default=str)[:100])
+        history.add_row(*remote.cells(h["record"], json.dumps(rest, default=str)[:100]))
     out.print(history)
 
 

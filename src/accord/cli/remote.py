@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from accord.client import SyncClient
 from accord.errors import AccordError
@@ -65,6 +66,12 @@ def _time(ms: int) -> str:
     return dt.datetime.fromtimestamp(ms / 1000).strftime("%H:%M:%S.%f")[:-3]
 
 
+def cells(*values: object) -> list[Text]:
+    """Table cells shown as they are: ids, reasons and participants' errors
+    are data, never rich markup (``HTTP 500: [/x]`` would not even parse)."""
+    return [Text(str(v)) for v in values]
+
+
 def list_remote(
     url: str,
     token: str,
@@ -93,11 +100,11 @@ def list_remote(
         table.add_column(col)
     for r in page.items:
         table.add_row(
-            r.id, r.protocol, r.status, str(r.branches), _time(r.created_at_ms), r.reason[:60]
+            *cells(r.id, r.protocol, r.status, r.branches, _time(r.created_at_ms), r.reason[:60])
         )
     out.print(table)
     if page.next_cursor:
-        out.print(f"more: --after {page.next_cursor}")
+        out.print(f"more: --after {escape(page.next_cursor)}")
 
 
 def show_remote(url: str, token: str, token_file: Path | None, txid: str, *, as_json: bool) -> None:
@@ -111,15 +118,15 @@ def show_remote(url: str, token: str, token_file: Path | None, txid: str, *, as_
         _print_json(txn)
         return
     out.print(
-        f"[bold]{escape(txn.id)}[/] {txn.protocol} [bold]{txn.status}[/]"
-        f" decision={txn.decision} reason={escape(repr(txn.reason))}"
+        f"[bold]{escape(txn.id)}[/] {escape(txn.protocol)} [bold]{escape(txn.status)}[/]"
+        f" decision={escape(str(txn.decision))} reason={escape(repr(txn.reason))}"
         + (" (running)" if txn.running else "")
     )
     table = Table(title="branches")
     for col in ("name", "participant", "status", "op", "attempts", "error"):
         table.add_column(col)
     for b in txn.branches:
-        table.add_row(b.name, b.participant, b.status, str(b.op), str(b.attempts), b.error[:60])
+        table.add_row(*cells(b.name, b.participant, b.status, b.op, b.attempts, b.error[:60]))
     out.print(table)
     calls = Table(title="calls")
     for col in ("branch", "op", "attempt", "outcome", "started", "latency ms", "error"):
@@ -128,12 +135,12 @@ def show_remote(url: str, token: str, token_file: Path | None, txid: str, *, as_
         for t in b.timeline:
             latency = "" if t.latency_ms is None else f"{t.latency_ms:.1f}"
             calls.add_row(
-                b.name, t.op, str(t.attempt), t.outcome, _time(t.started_at_ms), latency,
-                t.error[:50],
+                *cells(b.name, t.op, t.attempt, t.outcome, _time(t.started_at_ms), latency,
+                       t.error[:50])
             )  # fmt: skip
     out.print(calls)
     for a in txn.operator_actions:
-        out.print(f"operator {a.action} at {_time(a.at_ms)}: {escape(a.reason)}")
+        out.print(f"operator {escape(a.action)} at {_time(a.at_ms)}: {escape(a.reason)}")
 
 
 def register(txn_app: typer.Typer) -> None:
@@ -168,7 +175,7 @@ def register(txn_app: typer.Typer) -> None:
         if as_json:
             _print_json(sub)
         else:
-            out.print(f"{escape(sub.id)} {sub.status} {escape(sub.reason)}".rstrip())
+            out.print(f"{escape(sub.id)} {escape(sub.status)} {escape(sub.reason)}".rstrip())
 
     def action(name: str, help_: str) -> None:
         def command(
@@ -191,7 +198,7 @@ def register(txn_app: typer.Typer) -> None:
             if as_json:
                 _print_json(done)
             else:
-                out.print(f"{escape(done.id)}: {name} recorded; now {done.status}")
+                out.print(f"{escape(done.id)}: {name} recorded; now {escape(done.status)}")
 
         command.__doc__ = help_
         txn_app.command(name)(command)
