@@ -16,6 +16,7 @@ from accord.errors import (
     StoreError,
     TransactionNotFound,
 )
+from accord.server import Limits
 
 from .conftest import LiveServer, order_body, wait_until
 
@@ -182,3 +183,26 @@ def test_every_failure_of_an_action_is_a_clear_status(
         assert r.headers["retry-after"] == "1"
     if status == 409:
         assert "needs_attention" in r.json()["error"]
+
+
+@pytest.mark.parametrize("max_reason_chars", [10, 2000])
+def test_the_reason_length_limit_is_the_servers(
+    live_server_factory: object, max_reason_chars: int
+) -> None:
+    """Limits.max_reason_chars, lower or higher than the default: enforced by
+    the API (422 naming it, nothing logged) and stated by /openapi.json."""
+    live: LiveServer = live_server_factory(  # type: ignore[operator]
+        limits=Limits(max_reason_chars=max_reason_chars)
+    )
+    _park(live, "op-8")
+    r = _post(live, "/v1/transactions/op-8/resolve", {"reason": "x" * (max_reason_chars + 1)})
+    assert r.status_code == 422, r.text
+    assert (r.json()["field"], r.json()["limit"]) == ("reason", "max_reason_chars")
+    assert f"limit of {max_reason_chars}" in r.json()["error"]
+    assert _notes(live, "op-8") == []
+    r = _post(live, "/v1/transactions/op-8/resolve", {"reason": "y" * max_reason_chars})
+    assert r.status_code == 200, r.text
+    assert _notes(live, "op-8") == [("resolve", "y" * max_reason_chars)]
+    document = httpx.get(f"{live.url}/openapi.json").json()
+    reason = document["components"]["schemas"]["ActionIn"]["properties"]["reason"]
+    assert reason["maxLength"] == max_reason_chars

@@ -563,6 +563,15 @@ class Api:
     async def _action_input(self, request: Request) -> tuple[str, str, bool, float]:
         txid = request.path_params["id"]
         body = _decode(await self._body(request), schema.ActionIn)
+        if len(body.reason) > self.limits.max_reason_chars:
+            raise ErrorResponse(
+                422,
+                "limit",
+                f"reason: {len(body.reason)} characters, over the limit of"
+                f" {self.limits.max_reason_chars} (max_reason_chars)",
+                field="reason",
+                limit="max_reason_chars",
+            )
         reason = body.reason.strip()
         if not reason:
             raise ErrorResponse(422, "invalid", "reason: must not be blank", field="reason")

@@ -84,7 +84,9 @@ class SubmitIn(Struct, forbid_unknown_fields=True):
 class ActionIn(Struct, forbid_unknown_fields=True):
     """An operator's action: the reason is recorded in the log."""
 
-    reason: Annotated[str, Meta(min_length=1, max_length=1000)]
+    # Its maximum length is the server's Limits.max_reason_chars: checked by
+    # the handler, stated by openapi_document.
+    reason: Annotated[str, Meta(min_length=1)]
 
 
 # ---------------------------------------------------------------- responses
@@ -300,6 +302,7 @@ def openapi_document(limits: Limits) -> dict[str, Any]:
     _, components = msgspec.json.schema_components(_TYPES, ref_template=_REF)
     # The server's own limit, which may be lower than what a spec allows.
     components["SubmitIn"]["properties"]["branches"]["maxItems"] = limits.max_branches
+    components["ActionIn"]["properties"]["reason"]["maxLength"] = limits.max_reason_chars
     open_: list[dict[str, Any]] = [{}]  # no authentication
     return {
         "openapi": "3.1.0",
