@@ -25,7 +25,13 @@ from accord.errors import AccordError
 from accord.log import MemoryStore, Store, open_store
 from accord.observability import tracing_from_env
 from accord.server.limits import Limits
-from accord.server.run import ServeOptions, load_keys, load_tokens, serve_forever
+from accord.server.run import (
+    ServeOptions,
+    load_keys,
+    load_tokens,
+    serve_forever,
+    server_config,
+)
 from accord.sim.demo import DemoConfig, recover_run, run_demo, verify_run
 from accord.sim.http_demo import load_secret, new_secret
 from accord.sim.http_shop import KEY_ID, Faults, build_app, create_databases
@@ -344,6 +350,7 @@ def serve(
             # Off unless ACCORD_OTEL_EXPORTER asks for it (docs/operations.md).
             tracing=tracing_from_env(),
         )
+        server_config(options)  # the server's own checks, before anything starts
     except (OSError, ValueError) as exc:
         _fail(str(exc))
     where = "NO AUTHENTICATION" if no_auth else f"token in {token_path}"

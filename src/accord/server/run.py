@@ -123,6 +123,19 @@ def load_tokens(path: Path, *, create: bool) -> tuple[str, ...]:
     return tokens
 
 
+def server_config(options: ServeOptions) -> ServerConfig:
+    """The app's configuration; ValueError naming the option at fault. The
+    CLI calls it before anything starts, to report bad options cleanly."""
+    allow = AllowList([*options.allow, *options.keys])
+    return ServerConfig(
+        tokens=options.tokens,
+        require_auth=options.require_auth,
+        allow=allow,
+        limits=options.limits,
+        drain_timeout_s=options.drain_timeout_s,
+    )
+
+
 def build(options: ServeOptions) -> tuple[Any, Coordinator]:
     """The app and its coordinator (not started: the app's lifespan starts it)."""
     store = open_store(options.store_url)
@@ -131,14 +144,7 @@ def build(options: ServeOptions) -> tuple[Any, Coordinator]:
         options.keys, traceparent=tracing.traceparent if tracing is not None else None
     )
     coordinator = Coordinator(store, transport, max_in_flight=options.max_in_flight)
-    allow = AllowList([*options.allow, *options.keys])
-    config = ServerConfig(
-        tokens=options.tokens,
-        require_auth=options.require_auth,
-        allow=allow,
-        limits=options.limits,
-        drain_timeout_s=options.drain_timeout_s,
-    )
+    config = server_config(options)
     app = create_app(coordinator, config, observers=[tracing] if tracing is not None else [])
     return app, coordinator
 
@@ -184,4 +190,12 @@ def serve_forever(options: ServeOptions) -> None:
         raise SystemExit(1)
 
 
-__all__ = ["ServeOptions", "build", "load_keys", "load_secret", "load_tokens", "serve_forever"]
+__all__ = [
+    "ServeOptions",
+    "build",
+    "load_keys",
+    "load_secret",
+    "load_tokens",
+    "serve_forever",
+    "server_config",
+]
