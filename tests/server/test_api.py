@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import accord.server.api
 import accord.server.app
 from accord import SQLiteStore, TxnStatus
 from accord.core.records import TxnSnapshot
@@ -239,25 +240,45 @@ def test_a_failed_recovery_is_retried_until_it_succeeds(
     assert [f"attempt {n}" in r.getMessage() for n, r in enumerate(failures, 1)] == [True, True]
 
 
+def _count_scans(live: LiveServer, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the log's scans by status; the list's one item is the count."""
+    store = live.store
+    scans = [0]
+    real = store.count_by_status
+
+    async def counting() -> dict[TxnStatus, int]:
+        scans[0] += 1
+        return await real()
+
+    monkeypatch.setattr(store, "count_by_status", counting)
+    return scans
+
+
 def test_stats_scan_the_log_at_most_once_per_max_age(
     live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Polling /v1/stats (the dashboard does, every second) reuses the log's counts
     for STATS_MAX_AGE_S; the coordinator's own counters are always current."""
-    store = live_server.store
-    scans = 0
-    real = store.count_by_status
-
-    async def counting() -> dict[TxnStatus, int]:
-        nonlocal scans
-        scans += 1
-        return await real()
-
-    monkeypatch.setattr(store, "count_by_status", counting)
+    monkeypatch.setattr(accord.server.api, "STATS_MAX_AGE_S", 3600.0)  # not timing-dependent
+    scans = _count_scans(live_server, monkeypatch)
     url = f"{live_server.url}/v1/stats"
     first = httpx.get(url, headers=live_server.headers).json()
     _submit(live_server, order_body("s-2"))
     second = httpx.get(url, headers=live_server.headers).json()
-    assert scans == 1
+    assert scans == [1]
     assert second["committed"] == first["committed"] + 1  # live counter
     assert second["by_status"] == first["by_status"]  # the cached scan
+
+
+def test_stats_scan_the_log_again_once_the_counts_are_older_than_max_age(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With STATS_MAX_AGE_S = 0 every GET /v1/stats scans the log: the counts are fresh."""
+    monkeypatch.setattr(accord.server.api, "STATS_MAX_AGE_S", 0.0)
+    scans = _count_scans(live_server, monkeypatch)
+    url = f"{live_server.url}/v1/stats"
+    first = httpx.get(url, headers=live_server.headers).json()
+    _submit(live_server, order_body("s-3"))
+    second = httpx.get(url, headers=live_server.headers).json()
+    assert scans == [2]
+    assert second["by_status"]["committed"] == first["by_status"]["committed"] + 1
