@@ -15,7 +15,12 @@ Errors: 404 raises :class:`~accord.TransactionNotFound`, a conflicting id
 :class:`~accord.DuplicateTransaction`, a refused spec
 :class:`~accord.InvalidTransaction` (with its ``field``), an overloaded
 server :class:`~accord.Overloaded` (after the retries); anything else
-:class:`ApiError`, which carries the status, code, field and limit.
+:class:`ApiError`, which carries the status, code, field and limit, and
+whether sending the request again may succeed (``retryable``).
+
+The two clients share everything but the sending: each request is built,
+and each answer decoded, by the pure functions below (no I/O); only
+``_send`` differs (aiohttp or httpx, asyncio.sleep or time.sleep).
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -42,6 +48,7 @@ from accord.errors import (
 from accord.server.schema import (
     ActionOut,
     ErrorOut,
+    HealthOut,
     StatsOut,
     SubmitOut,
     TxnListOut,
@@ -54,10 +61,17 @@ DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_MAX_RETRIES = 3
 MAX_RETRY_DELAY_S = 5.0
 _encode = msgspec.json.Encoder().encode
+# Answers that another try may turn into a success: 0 (the server could not
+# be reached), 429 (too many requests), 502 / 503 / 504 (a proxy or the
+# server, unavailable for now). Requests that are safe to repeat (reads, and
+# submits, which always carry their idempotency key) are retried on these.
+RETRYABLE_STATUSES = frozenset({0, 429, 502, 503, 504})
 
 
 class ApiError(AccordError):
-    """The server answered with an error no more specific exception describes."""
+    """The server answered with an error no more specific exception describes
+    (``status`` 0: it could not be reached). ``retryable``: the same request
+    may succeed later (status 0, 429, 502, 503 or 504)."""
 
     def __init__(
         self,
@@ -74,10 +88,115 @@ class ApiError(AccordError):
         self.code = code
         self.field = field
         self.limit = limit
-        self.retryable = status == 503 or status >= 500
+        self.retryable = status in RETRYABLE_STATUSES
 
 
 # ---------------------------------------------------------------- shared, no I/O
+
+
+@dataclass(frozen=True, slots=True)
+class _Request(Generic[T]):
+    """One API request, ready to send, and how to read its answer."""
+
+    method: str
+    path: str
+    answer: type[T]
+    txid: str | None = None
+    body: bytes | None = None
+    query: Mapping[str, str] | None = None
+    headers: Mapping[str, str] | None = None
+    retry: bool = False  # safe to send again (a read, or a keyed submit)
+
+    def decode(self, status: int, raw: bytes) -> T:
+        return _decode(self.answer, status, raw, self.txid)
+
+    def delay_s(
+        self, attempt: int, max_retries: int, status: int, retry_after: str | None
+    ) -> float | None:
+        """After answer ``status`` (0: not reached) to attempt ``attempt``
+        (0-based): how long to wait before sending again, or None to stop."""
+        if not self.retry or attempt >= max_retries or status not in RETRYABLE_STATUSES:
+            return None
+        return _retry_delay_s(attempt, retry_after)
+
+
+def _json_request(
+    method: str,
+    path: str,
+    answer: type[T],
+    body: Any,
+    *,
+    txid: str | None,
+    query: Mapping[str, str],
+    extra: Mapping[str, str] | None = None,
+    retry: bool = False,
+) -> _Request[T]:
+    return _Request(
+        method,
+        path,
+        answer,
+        txid,
+        _encode(body),
+        query,
+        {"content-type": "application/json", **(extra or {})},
+        retry,
+    )
+
+
+def _submit_request(
+    spec: TransactionSpec | Mapping[str, Any], txid: str | None, wait: bool, wait_s: float | None
+) -> _Request[SubmitOut]:
+    body = _spec_body(spec, txid)
+    key = body["id"]
+    return _json_request(
+        "POST",
+        "/v1/transactions",
+        SubmitOut,
+        body,
+        txid=key,
+        query=_wait_query(wait, wait_s),
+        extra={"idempotency-key": key},
+        retry=True,
+    )
+
+
+def _get_request(txid: str) -> _Request[TxnOut]:
+    return _Request("GET", _path(txid), TxnOut, txid, retry=True)
+
+
+def _list_request(
+    state: str | None, since_ms: int | None, limit: int, cursor: str | None
+) -> _Request[TxnListOut]:
+    query = {"limit": str(limit)}
+    if state:
+        query["state"] = state
+    if since_ms is not None:
+        query["since"] = str(since_ms)
+    if cursor:
+        query["cursor"] = cursor
+    return _Request("GET", "/v1/transactions", TxnListOut, query=query, retry=True)
+
+
+def _action_request(
+    action: str, txid: str, reason: str, wait: bool, wait_s: float | None
+) -> _Request[ActionOut]:
+    # Not retried: a second retry or abort would record a second note.
+    return _json_request(
+        "POST",
+        f"{_path(txid)}/{action}",
+        ActionOut,
+        {"reason": reason},
+        txid=txid,
+        query=_wait_query(wait, wait_s),
+    )
+
+
+_STATS = _Request("GET", "/v1/stats", StatsOut, retry=True)
+_READY = _Request("GET", "/readyz", HealthOut)
+
+
+def _unreachable(url: str, exc: BaseException) -> ApiError:
+    return ApiError(0, f"cannot reach {url}: {exc!r}")
 
 
 def _spec_body(spec: TransactionSpec | Mapping[str, Any], txid: str | None) -> dict[str, Any]:
@@ -185,43 +304,34 @@ class Client:
             )
         return self._session
 
-    async def _request(
-        self,
-        method: str,
-        path: str,
-        *,
-        body: Any = None,
-        query: Mapping[str, str] | None = None,
-        extra: Mapping[str, str] | None = None,
-        retry: bool = False,
-    ) -> tuple[int, bytes]:
+    async def _send(self, req: _Request[Any]) -> tuple[int, bytes]:
         session = self._open()
-        data = _encode(body) if body is not None else None
-        headers = {"content-type": "application/json", **(extra or {})} if data else None
         attempt = 0
         while True:
             try:
                 async with session.request(
-                    method,
-                    self.url + path,
-                    data=data,
-                    params=query,
-                    headers=headers,
+                    req.method,
+                    self.url + req.path,
+                    data=req.body,
+                    params=req.query,
+                    headers=req.headers,
                     allow_redirects=False,
                 ) as resp:
-                    raw = await resp.read()
-                    if resp.status == 503 and retry and attempt < self.max_retries:
-                        await asyncio.sleep(
-                            _retry_delay_s(attempt, resp.headers.get("retry-after"))
-                        )
-                        attempt += 1
-                        continue
-                    return resp.status, raw
+                    status, raw = resp.status, await resp.read()
+                    retry_after = resp.headers.get("retry-after")
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                if not retry or attempt >= self.max_retries:
-                    raise ApiError(0, f"cannot reach {self.url}: {exc!r}") from exc
-                await asyncio.sleep(_retry_delay_s(attempt, None))
-                attempt += 1
+                delay_s = req.delay_s(attempt, self.max_retries, 0, None)
+                if delay_s is None:
+                    raise _unreachable(self.url, exc) from exc
+            else:
+                delay_s = req.delay_s(attempt, self.max_retries, status, retry_after)
+                if delay_s is None:
+                    return status, raw
+            await asyncio.sleep(delay_s)
+            attempt += 1
+
+    async def _call(self, req: _Request[T]) -> T:
+        return req.decode(*await self._send(req))
 
     async def submit(
         self,
@@ -233,21 +343,10 @@ class Client:
     ) -> SubmitOut:
         """Submit a transaction (a spec, or its JSON form). ``wait``: answer once
         it is terminal (or after ``wait_s``, the server's bound by default)."""
-        body = _spec_body(spec, txid)
-        txid = body["id"]
-        status, raw = await self._request(
-            "POST",
-            "/v1/transactions",
-            body=body,
-            query=_wait_query(wait, wait_s),
-            extra={"idempotency-key": txid},
-            retry=True,
-        )
-        return _decode(SubmitOut, status, raw, txid)
+        return await self._call(_submit_request(spec, txid, wait, wait_s))
 
     async def get(self, txid: str) -> TxnOut:
-        status, raw = await self._request("GET", _path(txid), retry=True)
-        return _decode(TxnOut, status, raw, txid)
+        return await self._call(_get_request(txid))
 
     async def list(
         self,
@@ -257,15 +356,7 @@ class Client:
         limit: int = 100,
         cursor: str | None = None,
     ) -> TxnListOut:
-        query = {"limit": str(limit)}
-        if state:
-            query["state"] = state
-        if since_ms is not None:
-            query["since"] = str(since_ms)
-        if cursor:
-            query["cursor"] = cursor
-        status, raw = await self._request("GET", "/v1/transactions", query=query, retry=True)
-        return _decode(TxnListOut, status, raw, None)
+        return await self._call(_list_request(state, since_ms, limit, cursor))
 
     async def iter(
         self, *, state: str | None = None, since_ms: int | None = None, page: int = 100
@@ -280,37 +371,25 @@ class Client:
                 return
             cursor = got.next_cursor
 
-    async def _action(
-        self, action: str, txid: str, reason: str, wait: bool, wait_s: float | None
-    ) -> ActionOut:
-        status, raw = await self._request(
-            "POST",
-            f"{_path(txid)}/{action}",
-            body={"reason": reason},
-            query=_wait_query(wait, wait_s),
-        )
-        return _decode(ActionOut, status, raw, txid)
-
     async def retry(
         self, txid: str, reason: str, *, wait: bool = False, wait_s: float | None = None
     ) -> ActionOut:
-        return await self._action("retry", txid, reason, wait, wait_s)
+        return await self._call(_action_request("retry", txid, reason, wait, wait_s))
 
     async def abort(
         self, txid: str, reason: str, *, wait: bool = False, wait_s: float | None = None
     ) -> ActionOut:
-        return await self._action("abort", txid, reason, wait, wait_s)
+        return await self._call(_action_request("abort", txid, reason, wait, wait_s))
 
     async def resolve(self, txid: str, reason: str) -> ActionOut:
-        return await self._action("resolve", txid, reason, False, None)
+        return await self._call(_action_request("resolve", txid, reason, False, None))
 
     async def stats(self) -> StatsOut:
-        status, raw = await self._request("GET", "/v1/stats", retry=True)
-        return _decode(StatsOut, status, raw, None)
+        return await self._call(_STATS)
 
     async def ready(self) -> bool:
         try:
-            status, _ = await self._request("GET", "/readyz")
+            status, _ = await self._send(_READY)
         except ApiError:
             return False
         return status == 200
@@ -351,35 +430,31 @@ class SyncClient:
     def close(self) -> None:
         self._http.close()
 
-    def _request(
-        self,
-        method: str,
-        path: str,
-        *,
-        body: Any = None,
-        query: Mapping[str, str] | None = None,
-        extra: Mapping[str, str] | None = None,
-        retry: bool = False,
-    ) -> tuple[int, bytes]:
-        content = _encode(body) if body is not None else None
-        headers = {"content-type": "application/json", **(extra or {})} if content else None
+    def _send(self, req: _Request[Any]) -> tuple[int, bytes]:
         attempt = 0
         while True:
             try:
                 resp = self._http.request(
-                    method, path, content=content, params=query, headers=headers
+                    req.method,
+                    req.path,
+                    content=req.body,
+                    params=req.query,
+                    headers=req.headers,
                 )
             except self._httpx.HTTPError as exc:
-                if not retry or attempt >= self.max_retries:
-                    raise ApiError(0, f"cannot reach {self.url}: {exc!r}") from exc
-                time.sleep(_retry_delay_s(attempt, None))
-                attempt += 1
-                continue
-            if resp.status_code == 503 and retry and attempt < self.max_retries:
-                time.sleep(_retry_delay_s(attempt, resp.headers.get("retry-after")))
-                attempt += 1
-                continue
-            return resp.status_code, resp.content
+                delay_s = req.delay_s(attempt, self.max_retries, 0, None)
+                if delay_s is None:
+                    raise _unreachable(self.url, exc) from exc
+            else:
+                retry_after = resp.headers.get("retry-after")
+                delay_s = req.delay_s(attempt, self.max_retries, resp.status_code, retry_after)
+                if delay_s is None:
+                    return resp.status_code, resp.content
+            time.sleep(delay_s)
+            attempt += 1
+
+    def _call(self, req: _Request[T]) -> T:
+        return req.decode(*self._send(req))
 
     def submit(
         self,
@@ -389,21 +464,10 @@ class SyncClient:
         wait: bool = False,
         wait_s: float | None = None,
     ) -> SubmitOut:
-        body = _spec_body(spec, txid)
-        txid = body["id"]
-        status, raw = self._request(
-            "POST",
-            "/v1/transactions",
-            body=body,
-            query=_wait_query(wait, wait_s),
-            extra={"idempotency-key": txid},
-            retry=True,
-        )
-        return _decode(SubmitOut, status, raw, txid)
+        return self._call(_submit_request(spec, txid, wait, wait_s))
 
     def get(self, txid: str) -> TxnOut:
-        status, raw = self._request("GET", _path(txid), retry=True)
-        return _decode(TxnOut, status, raw, txid)
+        return self._call(_get_request(txid))
 
     def list(
         self,
@@ -413,15 +477,7 @@ class SyncClient:
         limit: int = 100,
         cursor: str | None = None,
     ) -> TxnListOut:
-        query = {"limit": str(limit)}
-        if state:
-            query["state"] = state
-        if since_ms is not None:
-            query["since"] = str(since_ms)
-        if cursor:
-            query["cursor"] = cursor
-        status, raw = self._request("GET", "/v1/transactions", query=query, retry=True)
-        return _decode(TxnListOut, status, raw, None)
+        return self._call(_list_request(state, since_ms, limit, cursor))
 
     def iter(
         self, *, state: str | None = None, since_ms: int | None = None, page: int = 100
@@ -434,37 +490,25 @@ class SyncClient:
                 return
             cursor = got.next_cursor
 
-    def _action(
-        self, action: str, txid: str, reason: str, wait: bool, wait_s: float | None
-    ) -> ActionOut:
-        status, raw = self._request(
-            "POST",
-            f"{_path(txid)}/{action}",
-            body={"reason": reason},
-            query=_wait_query(wait, wait_s),
-        )
-        return _decode(ActionOut, status, raw, txid)
-
     def retry(
         self, txid: str, reason: str, *, wait: bool = False, wait_s: float | None = None
     ) -> ActionOut:
-        return self._action("retry", txid, reason, wait, wait_s)
+        return self._call(_action_request("retry", txid, reason, wait, wait_s))
 
     def abort(
         self, txid: str, reason: str, *, wait: bool = False, wait_s: float | None = None
     ) -> ActionOut:
-        return self._action("abort", txid, reason, wait, wait_s)
+        return self._call(_action_request("abort", txid, reason, wait, wait_s))
 
     def resolve(self, txid: str, reason: str) -> ActionOut:
-        return self._action("resolve", txid, reason, False, None)
+        return self._call(_action_request("resolve", txid, reason, False, None))
 
     def stats(self) -> StatsOut:
-        status, raw = self._request("GET", "/v1/stats", retry=True)
-        return _decode(StatsOut, status, raw, None)
+        return self._call(_STATS)
 
     def ready(self) -> bool:
         try:
-            status, _ = self._request("GET", "/readyz")
+            status, _ = self._send(_READY)
         except ApiError:
             return False
         return status == 200

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import importlib
 import json
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from rich.console import Console
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 from typer.testing import CliRunner, Result
 
 from accord import (
@@ -25,7 +30,7 @@ from accord import (
 from accord.cli import app, remote
 from accord.errors import InvalidTransaction
 
-from .conftest import FakeParticipants, LiveServer, order_body, start_live_server
+from .conftest import FakeParticipants, LiveServer, order_body, serve_in_thread, start_live_server
 
 runner = CliRunner()
 
@@ -191,3 +196,61 @@ async def test_async_client_round_trip(live_server: LiveServer) -> None:
         with pytest.raises(ApiError) as conflict:
             await client.retry("ac-1", "nothing to retry")
         assert conflict.value.status == 409
+
+
+@pytest.mark.parametrize(
+    ("status", "retryable"),
+    [(0, True), (429, True), (502, True), (503, True), (504, True),
+     (400, False), (404, False), (409, False), (500, False), (501, False)],
+)  # fmt: skip
+def test_api_error_is_retryable_where_another_try_may_succeed(status: int, retryable: bool) -> None:
+    """Unreachable (0), 429, 502, 503, 504: retryable; a refusal or a server bug: not."""
+    assert ApiError(status, "x").retryable is retryable
+
+
+async def test_an_unreachable_server_is_a_retryable_api_error() -> None:
+    """Connection refused, after the retries: ApiError status 0, retryable, from both clients."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"  # nothing listens
+    with SyncClient(url, max_retries=1) as sync, pytest.raises(ApiError) as refused:
+        sync.stats()
+    assert (refused.value.status, refused.value.retryable) == (0, True)
+    async with Client(url, max_retries=1) as client:
+        with pytest.raises(ApiError) as refused:
+            await client.stats()
+    assert (refused.value.status, refused.value.retryable) == (0, True)
+
+
+def _flaky_proxy(answers: list[int], seen: list[str]) -> Starlette:
+    """Answers ``answers`` in turn (then 200 with an empty page), like a proxy
+    whose upstream is restarting."""
+
+    async def handle(request: Request) -> Response:
+        seen.append(request.url.path)
+        if answers:
+            return Response(b"<html>bad gateway</html>", answers.pop(0))
+        return Response(b'{"items": [], "next_cursor": null}', media_type="application/json")
+
+    return Starlette(routes=[Route("/{path:path}", handle, methods=["GET", "POST"])])
+
+
+async def test_both_clients_retry_what_is_retryable_and_only_what_is_safe() -> None:
+    """A read through a proxy answering 502, 504, 429: both clients retry it to
+    success; an operator action (not idempotent) is never sent twice."""
+    seen: list[str] = []
+    answers: list[int] = []
+    with serve_in_thread(_flaky_proxy(answers, seen)) as (url, _, _):
+        answers[:] = [502, 504, 429]
+        with SyncClient(url, max_retries=3) as sync:
+            assert sync.list().items == []
+        assert len(seen) == 4
+        answers[:] = [502, 504, 429]
+        async with Client(url, max_retries=3) as client:
+            assert (await client.list()).items == []
+            assert len(seen) == 8
+            answers[:] = [502]
+            with pytest.raises(ApiError) as bad_gateway:
+                await client.abort("t-1", "why")
+        assert (bad_gateway.value.status, bad_gateway.value.retryable) == (502, True)
+        assert seen[-1] == "/v1/transactions/t-1/abort" and len(seen) == 9
