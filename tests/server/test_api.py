@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import time
 from pathlib import Path
 
@@ -282,3 +283,11 @@ def test_stats_scan_the_log_again_once_the_counts_are_older_than_max_age(
     second = httpx.get(url, headers=live_server.headers).json()
     assert scans == [2]
     assert second["by_status"]["committed"] == first["by_status"]["committed"] + 1
+
+
+def test_docs_name_the_modules_the_optional_routes_come_from() -> None:
+    """docs/api.md names the modules create_app takes /metrics and the dashboard from."""
+    docs = (Path(__file__).parents[2] / "docs" / "api.md").read_text()
+    for module in ("accord.observability.metrics", "accord.server.dashboard"):
+        importlib.import_module(module)
+        assert f"`{module}`" in docs, module
