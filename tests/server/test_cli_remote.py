@@ -150,6 +150,9 @@ def test_data_that_looks_like_markup_is_shown_as_it_is(
     local = runner.invoke(app, ["txn", "show", "mk-1", "--store", f"sqlite:///{db}"])
     assert local.exit_code == 0, local.output
     assert MARKUP_ERROR in local.stdout and MARKUP_REASON in local.stdout, local.stdout
+    local = runner.invoke(app, ["txn", "list", "--store", f"sqlite:///{db}"])
+    assert local.exit_code == 0, local.output
+    assert f"resolved by operator: {MARKUP_REASON}" in local.stdout, local.stdout
 
 
 def test_token_file_is_read(live_server: LiveServer, tmp_path: Path) -> None:

@@ -466,7 +466,9 @@ def txn_list(
         table.add_column(col)
     for r in rows:
         created = dt.datetime.fromtimestamp(r.created_at_ms / 1000).strftime("%H:%M:%S.%f")[:-3]
-        table.add_row(r.id, r.protocol, r.status.value, str(r.branches), created, r.reason[:60])
+        table.add_row(
+            *remote.cells(r.id, r.protocol, r.status.value, r.branches, created, r.reason[:60])
+        )
     out.print(table)
 
 
