@@ -23,6 +23,7 @@ from accord import (
 )
 from accord.core.records import Begin, Decided, Decision, OperatorAction
 from accord.log.postgres import PostgresStore
+from accord.server.app import ServerConfig, create_app
 
 from .conftest import FakeParticipants, order_body
 
@@ -206,3 +207,30 @@ async def test_abort_any_aborts_a_running_transaction_but_not_a_decided_one(
             await coordinator.abort_any("nope", "no such")
     finally:
         await coordinator.close()
+
+
+async def test_serve_refuses_a_clusters_log() -> None:
+    """A log that belongs to a cluster (its nodes write it, fenced by leases) is
+    refused at start: the server would otherwise look ready and accept nothing."""
+    try:
+        await _pg("SELECT 1")
+    except (OSError, asyncpg.PostgresError) as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL unreachable: {exc!r}")
+        pytest.skip(f"PostgreSQL unreachable: {exc!r}")
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    lone = PostgresStore(PG_DSN, schema=schema, pool_size=1)
+    await lone.open()
+    await lone.close()
+    await _pg(f"INSERT INTO {schema}.meta(key, value) VALUES ('cluster_shards', '16')")
+    try:
+        coordinator = Coordinator(
+            PostgresStore(PG_DSN, schema=schema, pool_size=1),
+            FakeParticipants().transport(),
+        )
+        app = create_app(coordinator, ServerConfig(require_auth=False))
+        with pytest.raises(RuntimeError, match="the log is a cluster's"):
+            async with app.router.lifespan_context(app):
+                pass
+    finally:
+        await _pg(f"DROP SCHEMA IF EXISTS {schema} CASCADE")

@@ -153,6 +153,13 @@ def create_app(
         api.reset()
         if config.manage_coordinator:
             await coordinator.start(recover=False)
+            shards = getattr(coordinator.store, "cluster_shards", None)
+            if shards is not None:
+                await coordinator.close()
+                raise RuntimeError(
+                    f"the log is a cluster's ({shards} shards): its nodes write to it "
+                    "(accord cluster node), not accord serve"
+                )
             recovery = asyncio.ensure_future(_recover(coordinator, api))
         else:
             api.state.recovering = False
