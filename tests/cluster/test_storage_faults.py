@@ -173,6 +173,89 @@ class _Pool:
             )
 
 
+class _LostWithReusedXid:
+    """A pooled connection whose first transaction never commits (the server
+    crashed before its COMMIT was durable) and whose xid, after the restart,
+    belongs to another transaction, a committed one."""
+
+    def __init__(self, conn: Any, other_xid: int) -> None:
+        self.conn = conn
+        self.other_xid = other_xid
+        self.first = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        if "txid_current" in sql:
+            await self.conn.fetchval(sql, *args)
+            return self.other_xid
+        return await self.conn.fetchval(sql, *args)
+
+    def transaction(self) -> Any:
+        tx = self.conn.transaction()
+        if not self.first:  # the batch's savepoint
+            return tx
+        self.first = False
+
+        class Lost:
+            async def __aenter__(self) -> Any:
+                return await tx.__aenter__()
+
+            async def __aexit__(self, *exc: Any) -> None:
+                await tx.__aexit__(
+                    ConnectionResetError, ConnectionResetError(), None
+                )  # rolled back
+                raise ConnectionResetError("the server went away during COMMIT")
+
+        return Lost()
+
+
+async def test_an_interrupted_commit_is_not_believed_from_a_reused_xid(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a crash PostgreSQL may hand an unlogged xid out again, and txid_status
+    then reports another transaction's commit: the batch is written again unless
+    its own rows are in the log, so nothing it holds is lost."""
+    store = PostgresStore(PG_DSN, schema=schema, pool_size=2)
+    await store.open()
+    try:
+        (committed_xid,) = pg("SELECT txid_current()")[0]  # someone else's, committed
+        real = store._pool
+        calls = 0
+
+        class Pool:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+            def acquire(self) -> Any:
+                nonlocal calls
+                calls += 1
+                if calls > 1:
+                    return real.acquire()
+
+                async def first() -> Any:
+                    return _LostWithReusedXid(await real.acquire(), committed_xid)
+
+                return first()
+
+            async def release(self, conn: Any) -> None:
+                await real.release(conn.conn if isinstance(conn, _LostWithReusedXid) else conn)
+
+        monkeypatch.setattr(store, "_pool", Pool())
+        spec = TransactionSpec(
+            protocol=Protocol.TCC, branches=(BranchSpec("b0", "p0", {"n": 1}),), id="kept"
+        )
+        store.append(Begin(spec, 1, 30_001))
+        store.append(Decided("kept", Decision.COMMIT, "all prepared", 2))
+        assert await store.flush() == frozenset()
+        monkeypatch.undo()
+        snap = await store.get("kept")
+        assert snap is not None and [type(r) for r in snap.history] == [Begin, Decided]
+    finally:
+        await store.close()
+
+
 @pytest.mark.parametrize("how", ["terminate refused", "reset fails"])
 async def test_a_committed_batch_is_never_written_twice(
     schema: str, how: str, monkeypatch: pytest.MonkeyPatch

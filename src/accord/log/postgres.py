@@ -449,6 +449,30 @@ class PostgresStore(Store):
             assert self._loop is not None
             self._loop.call_soon(self._start_flush)
 
+    async def _verdict(self, xid: int, probe: tuple[Any, ...] | None) -> str | None:
+        """How the transaction ``xid`` of an interrupted batch ended: committed,
+        aborted, in progress (or None if PostgreSQL no longer knows).
+
+        ``txid_status`` alone is not enough after a server crash: an xid that
+        never reached durable WAL may be handed out again, and then reports the
+        status of another transaction. So "committed" must also be seen in the
+        log: ``probe``, a row the attempt wrote, must be there."""
+        txid, kind, at_ms, body = probe[:4] if probe is not None else ("", "", 0, b"")
+        rows = await self._fetch(
+            f"SELECT txid_status($1::bigint), EXISTS (SELECT 1 FROM {self.schema}.log"
+            " WHERE txid = $2 AND kind = $3 AND at_ms = $4 AND body = $5)",
+            xid,
+            txid,
+            kind,
+            at_ms,
+            body,
+        )
+        verdict, seen = rows[0] if rows else (None, False)
+        if verdict == "committed" and probe is not None and not seen:
+            log.warning("accord-pg-flush: xid %d was reused after a crash: not ours", xid)
+            return "aborted"
+        return verdict
+
     def _report_fenced(self, stale: builtins.list[tuple[Any, ...]]) -> None:
         """Tell the fence which rows the database refused (before any waiter
         of the batch carries on, so that their runs are stopped first)."""
@@ -470,8 +494,7 @@ class PostgresStore(Store):
         for attempt in range(self.retries):
             try:
                 if doubt is not None:
-                    status = await self._fetch("SELECT txid_status($1::bigint)", doubt[0])
-                    verdict = status[0][0] if status else None
+                    verdict = await self._verdict(doubt[0], _probe(batch, doubt[1]))
                     if verdict == "committed":
                         log.warning("accord-pg-flush: the interrupted commit did succeed")
                         return doubt[1]
@@ -739,6 +762,20 @@ class PostgresStore(Store):
     async def snapshots(self) -> builtins.list[TxnSnapshot]:
         sql = f"SELECT {_ROWS} FROM {self.schema}.log ORDER BY txid, seq"
         return [snap async for snap in self._scan(sql)]
+
+
+def _probe(batch: builtins.list[tuple[Any, ...]], result: _BatchResult) -> tuple[Any, ...] | None:
+    """A row the batch's attempt wrote to ``log``, a Begin if it has one (unique
+    per transaction), or None if it wrote none (rows refused as duplicates, by
+    the fence, or as notes on unknown transactions were not written)."""
+    rejected, _, stale = result
+    refused = {id(r) for r in stale}
+    written = [
+        r for r in batch if id(r) not in refused and r[0] not in rejected and type(r) is not Note
+    ]
+    begins = [r for r in written if r[1] == "begin"]
+    chosen = begins or written
+    return chosen[0] if chosen else None
 
 
 async def _release(pool: Any, conn: Any) -> None:
