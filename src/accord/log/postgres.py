@@ -40,7 +40,9 @@ If the connection drops while COMMIT is in flight, PostgreSQL may have
 committed the batch without the client knowing. Each batch therefore notes its
 PostgreSQL transaction id (``txid_current()``, one extra round trip per batch)
 and, before writing again, asks ``txid_status()`` on a new connection: a batch
-that did commit is not written twice.
+that did commit is not written twice. After a server crash an xid that never
+reached durable WAL can be handed out again and report another transaction's
+commit, so "committed" also needs one of the batch's own rows in the log.
 
 Cluster mode (``fence=...``, see :mod:`accord.cluster`): several coordinators
 share the schema, each owning some of its shards through leases in
