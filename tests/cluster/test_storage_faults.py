@@ -377,3 +377,47 @@ async def test_postgresql_restarted_under_load(
         assert all(n.stats.lost > 0 and n.stats.acquired > n.stats.lost for n in w.nodes.values())
     await w.settled("a", "b")
     await w.check()
+
+
+@pytest.mark.slow
+@pytest.mark.pg_restart
+async def test_postgresql_restarted_while_a_node_takes_over(
+    world: Callable[..., World], schema: str
+) -> None:
+    """A node is killed; PostgreSQL restarts (immediate mode) just as the survivor
+    starts reading the shards it acquired: the survivor reads again once the server
+    is back, resumes every open transaction, sends no early confirm, and every order
+    ends with the invariants holding."""
+    restarts_allowed()
+    command = pg_ctl("restart")
+    w = world(orders=300, latency_ms=20.0)
+    a, b = await w.node("a"), await w.node("b")
+    w.watch_decisions("b")
+    await w.settled("a", "b")
+    load = b.store.load_active
+    restarting: list[asyncio.Task[None]] = []
+
+    async def restart_then_load(shards: Any = None) -> Any:
+        if shards is not None and not restarting:
+            restarting.append(asyncio.ensure_future(run(command)))
+            await asyncio.sleep(0.05)  # the server is going down under the read
+        return await load(shards)
+
+    b.store.load_active = restart_then_load  # type: ignore[method-assign]
+    async with ClusterClient(PG_DSN, schema=schema) as client:
+        await client.submit_many(w.specs)
+        sql = f"SELECT count(*) FROM {schema}.txn_open WHERE shard = ANY($1)"
+        while pg(sql, list(a.owned()))[0][0] < 10:
+            await asyncio.sleep(0.01)
+        await a.kill()
+        try:
+            while not restarting:
+                await asyncio.sleep(0.05)
+            await restarting[0]
+        finally:
+            await asyncio.to_thread(wait_until_postgres_answers)
+        results = await asyncio.gather(*(client.result(s, timeout_s=120) for s in w.specs))
+    assert all(r.status.terminal for r in results)
+    assert b.stats.resumed >= 10
+    assert w.early == []
+    await w.check()
