@@ -270,6 +270,21 @@ async def test_begin_is_readable_back_after_flush(store: Store) -> None:
     assert await store.get("missing") is None
 
 
+async def test_reads_see_every_record_appended_before_them(store: Store) -> None:
+    """Read your writes: records appended but not yet flushed (a TCC commit's end is
+    not waited for) are seen by get, list, counts and snapshots right after."""
+    await write(store, begin("a"), decided("a", Decision.COMMIT))
+    store.append(ended("a", TxnStatus.COMMITTED))  # no flush
+    snap = await store.get("a")
+    assert snap is not None and snap.status is TxnStatus.COMMITTED
+    store.append(begin("b"))
+    store.append(decided("b", Decision.ABORT))
+    store.append(ended("b", TxnStatus.ABORTED))
+    assert [r.status for r in await store.list()] == [TxnStatus.COMMITTED, TxnStatus.ABORTED]
+    assert await store.count_by_status() == {TxnStatus.COMMITTED: 1, TxnStatus.ABORTED: 1}
+    assert {s.txid for s in await store.snapshots()} == {"a", "b"}
+
+
 async def test_full_lifecycle_folds_and_leaves_the_active_set(store: Store) -> None:
     """Begin, Decided(commit), Ended(committed): get shows it committed, load_active drops it."""
     await write(store, begin("a"), decided("a", Decision.COMMIT), ended("a", TxnStatus.COMMITTED))

@@ -724,7 +724,19 @@ class PostgresStore(Store):
         for txid in [t for t in self._txns.open if fence.shard_of(t) in shards]:
             del self._txns.open[txid]
 
+    async def _settled(self) -> None:
+        """Reads see every record appended before them (read your writes),
+        including the ones that need not be durable before the next action
+        (a TCC commit's end). A failing writer does not block reads: they
+        return what the log holds."""
+        if self._loop is None or self._failed is not None:
+            return
+        if self._buf or self._inflight is not None:
+            with contextlib.suppress(StoreError):
+                await self.flush()
+
     async def get(self, txid: str) -> TxnSnapshot | None:
+        await self._settled()
         rows = await self._fetch(
             f"SELECT {_ROWS} FROM {self.schema}.log WHERE txid = $1 ORDER BY seq", txid
         )
@@ -739,6 +751,7 @@ class PostgresStore(Store):
         *,
         since_ms: int | None = None,
     ) -> builtins.list[TxnRow]:
+        await self._settled()
         out: builtins.list[TxnRow] = []
         sql = f"SELECT {_ROWS} FROM {self.schema}.log WHERE txid > $1 ORDER BY txid, seq"
         scan = self._scan(sql, after_id or "")
@@ -755,6 +768,7 @@ class PostgresStore(Store):
         return out
 
     async def count_by_status(self) -> dict[TxnStatus, int]:
+        await self._settled()
         counts: dict[TxnStatus, int] = {}
         sql = f"SELECT {_ROWS} FROM {self.schema}.log ORDER BY txid, seq"
         async for snap in self._scan(sql):
@@ -762,6 +776,7 @@ class PostgresStore(Store):
         return counts
 
     async def snapshots(self) -> builtins.list[TxnSnapshot]:
+        await self._settled()
         sql = f"SELECT {_ROWS} FROM {self.schema}.log ORDER BY txid, seq"
         return [snap async for snap in self._scan(sql)]
 
