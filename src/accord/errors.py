@@ -7,7 +7,8 @@
     ├── DuplicateTransaction    an id already taken by a different spec
     ├── TransactionNotFound     no transaction with that id in the log
     ├── StoreError              the durable log failed (retryable unless noted)
-    │   └── SchemaVersionError  the log was written by an incompatible version
+    │   ├── SchemaVersionError  the log was written by an incompatible version
+    │   └── log.base.Fenced     a write refused: its shard's lease moved to another node
     ├── CoordinatorClosed       the coordinator is shut down or not started
     ├── Overloaded              in-flight limit reached and the caller chose not to wait
     ├── participant.Refusal     a participant's handler refuses (business refusal)
