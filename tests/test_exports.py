@@ -10,6 +10,8 @@ EXPECTED = [
     "BranchSpec",
     "Call",
     "Client",
+    "ClusterClient",
+    "ClusterNode",
     "Coordinator",
     "CoordinatorClosed",
     "Decision",

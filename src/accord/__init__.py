@@ -1,6 +1,7 @@
 """accord: a distributed transaction coordinator (TCC and saga) for Python services."""
 
 from accord.client import ApiError, Client, SyncClient
+from accord.cluster import ClusterClient, ClusterNode
 from accord.coordinator import Coordinator, Observer, TxnResult
 from accord.core.machine import Outcome
 from accord.core.records import Decision, TxnStatus
@@ -26,6 +27,8 @@ __all__ = [
     "BranchSpec",
     "Call",
     "Client",
+    "ClusterClient",
+    "ClusterNode",
     "Coordinator",
     "CoordinatorClosed",
     "Decision",
