@@ -743,10 +743,13 @@ async def test_a_full_coordinator_holds_up_a_retry_but_not_other_operators(
         answer=lambda c: Reply(Outcome.TRANSIENT, error="down") if c.op is Op.CONFIRM else OK
     )
     coord = Coordinator(
-        make_store(), InProcessTransport({"gate": gate, "p0": broken}), max_in_flight=1
+        make_store(),
+        InProcessTransport({"gate": gate, "p0": broken, "ok": Participant()}),
+        max_in_flight=1,
     )
     await coord.start()
     try:
+        assert (await asyncio.wait_for(coord.run(tcc("done", "ok")), 10)).committed
         for txid in ("na1", "na2"):
             parked = await asyncio.wait_for(coord.run(tcc(txid, "p0")), 10)
             assert parked.status is TxnStatus.NEEDS_ATTENTION
@@ -758,6 +761,9 @@ async def test_a_full_coordinator_holds_up_a_retry_but_not_other_operators(
         assert not retry.done()  # waiting for a slot
         resolved = await asyncio.wait_for(coord.resolve("na2", "repaired by hand"), 5)
         assert resolved is TxnStatus.COMMITTED
+        # Nothing to do for a committed one: answered at once, no slot needed.
+        assert await asyncio.wait_for(coord.retry("done", "again"), 5) is None
+        assert await asyncio.wait_for(coord.abort_any("done", "too late"), 5) is None
         gate.open()
         assert (await asyncio.wait_for(blocking, 10)).committed
         resumed = await asyncio.wait_for(retry, 10)

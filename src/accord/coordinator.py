@@ -352,6 +352,9 @@ class Coordinator:
         if run is not None:
             self._post(run, RetryRequested(reason, self._now_ms()))
             return run.result
+        # Nothing to resume: answer at once rather than wait for a slot.
+        if await self._logged_status(txid) is not TxnStatus.NEEDS_ATTENTION:
+            return None
         return await self._operate(partial(self._reopen, txid, reason))
 
     async def _reopen(
@@ -371,6 +374,12 @@ class Coordinator:
         if snap is None or snap.status.terminal:
             raise AccordError(f"transaction {txid!r} could not be resumed", txid=txid)
         return snap
+
+    async def _logged_status(self, txid: str) -> TxnStatus:
+        snap = await self.store.get(txid)
+        if snap is None:
+            raise TransactionNotFound(f"no transaction {txid!r}", txid=txid)
+        return snap.status
 
     async def _operate(
         self,
@@ -421,6 +430,8 @@ class Coordinator:
         run = self._runs.get(txid)
         if run is not None:
             return run.result if self.abort(txid, reason) else None
+        if await self._logged_status(txid) is not TxnStatus.PREPARING:
+            return None  # decided or ended: nothing to abort (re-checked under the lock)
         return await self._operate(partial(self._abort_logged, txid, reason))
 
     async def _abort_logged(self, txid: str, reason: str) -> _Operated:
