@@ -38,28 +38,16 @@ import asyncpg  # type: ignore[import-untyped]
 
 from accord.cluster.shards import check_shards, shard_of
 from accord.errors import StoreError
+from accord.log.postgres import _SCHEMA_NAME
+from accord.log.postgres import _TRANSIENT as PG_TRANSIENT
 
 log = logging.getLogger("accord.cluster")
 
-_SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$")
 
-# Errors after which the connection is replaced (see accord.log.postgres).
-_TRANSIENT: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.SerializationError,
-    asyncpg.DeadlockDetectedError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,  # the server restarted (-m immediate)
-    # A writer paused inside a transaction was cut off (see idle_in_transaction).
-    asyncpg.IdleInTransactionSessionTimeoutError,
-    asyncpg.QueryCanceledError,
-)
+# Errors after which the connection is replaced: the log's, plus a lease
+# round's statement cancelled (a round must not wait out a stalled writer).
+_TRANSIENT: tuple[type[BaseException], ...] = (*PG_TRANSIENT, asyncpg.QueryCanceledError)
 
 _TABLES = [
     """CREATE TABLE IF NOT EXISTS {s}.shard_lease (
