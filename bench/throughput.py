@@ -55,16 +55,24 @@ def main() -> None:
                     raise SystemExit(f"{name}: exit {done.returncode}: {done.stderr[-2000:]}")
                 summary = json.loads(done.stdout)
                 runs[name].append(summary)
-                print(f"  run {i + 1} {name:16s} {summary['throughput_tps']:8.0f} tx/s", flush=True)
+                print(
+                    f"  run {i + 1} {name:16s} {summary['throughput_tps']:8.0f} tx/s"
+                    f" {summary['cpu_us_per_txn']:6.0f} cpu us/txn",
+                    flush=True,
+                )
     print(
         f"\n{args.protocol}, {args.orders} orders, {args.concurrency} in flight,"
         f" no faults, median of {args.repeat}:"
     )
-    header = ("log, services", "tx/s", "p50 ms", "p99 ms", "records/commit")
-    print(f"{header[0]:16s} {header[1]:>8s} {header[2]:>8s} {header[3]:>8s} {header[4]:>15s}")
+    header = ("log, services", "tx/s", "cpu us/txn", "p50 ms", "p99 ms", "records/commit")
+    print(
+        f"{header[0]:16s} {header[1]:>8s} {header[2]:>10s} {header[3]:>8s} {header[4]:>8s}"
+        f" {header[5]:>15s}"
+    )
     for name, rs in runs.items():
         print(
             f"{name:16s} {statistics.median(r['throughput_tps'] for r in rs):8.0f}"
+            f" {statistics.median(r['cpu_us_per_txn'] for r in rs):10.0f}"
             f" {statistics.median(r['latency_ms']['p50'] for r in rs):8.1f}"
             f" {statistics.median(r['latency_ms']['p99'] for r in rs):8.1f}"
             f" {statistics.median(r['records_per_batch'] for r in rs):15.1f}"

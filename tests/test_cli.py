@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
@@ -308,3 +309,14 @@ def test_txn_bad_input_is_a_clear_error(args: list[str], words: str, tmp_path: P
     assert result.exit_code == 2, result.output
     assert words in message(result)
     assert tree(tmp_path) == []
+
+
+def test_the_command_line_runs_on_uvloop() -> None:
+    import uvloop
+
+    from accord.cli._loop import run
+
+    async def loop_type() -> type:
+        return type(asyncio.get_running_loop())
+
+    assert run(loop_type()) is uvloop.Loop

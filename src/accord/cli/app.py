@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import gc
 import json
@@ -19,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from accord.cli import remote
+from accord.cli._loop import run
 from accord.cli.cluster import cluster_app
 from accord.core.records import TxnStatus
 from accord.errors import AccordError
@@ -199,9 +199,9 @@ def demo(
     try:
         if bar is not None:
             with bar:
-                summary = asyncio.run(run_demo(config, update))
+                summary = run(run_demo(config, update))
         else:
-            summary = asyncio.run(run_demo(config, update))
+            summary = run(run_demo(config, update))
     except (AccordError, OSError, ValueError) as exc:
         _fail(str(exc))
     _finish(summary, as_json, f"accord demo ({protocol}, {orders} orders) in {data}")
@@ -366,7 +366,7 @@ def recover(
 ) -> None:
     """Resume every unfinished transaction of a run, wait until all are terminal, check."""
     try:
-        summary = asyncio.run(recover_run(data, fault_rate=fault_rate))
+        summary = run(recover_run(data, fault_rate=fault_rate))
     except (AccordError, OSError, ValueError) as exc:
         _fail(str(exc))
     _finish(summary, as_json, f"accord recover {data}")
@@ -379,7 +379,7 @@ def verify(
 ) -> None:
     """Check the invariants on the persisted state of a run."""
     try:
-        summary = asyncio.run(verify_run(data))
+        summary = run(verify_run(data))
     except (AccordError, OSError, ValueError) as exc:
         _fail(str(exc))
     _finish(summary, as_json, f"accord verify {data}")
@@ -442,7 +442,7 @@ def txn_list(
         finally:
             await log.close()
 
-    rows = asyncio.run(go())
+    rows = run(go())
     if as_json:
         for r in rows:
             sys.stdout.write(
@@ -495,7 +495,7 @@ def txn_show(
         finally:
             await log.close()
 
-    snap = asyncio.run(go())
+    snap = run(go())
     if snap is None:
         _fail(f"no transaction {txid!r} in this log")
     detail = {

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from accord.cli._loop import run
 from accord.cluster import DEFAULT_SHARDS, DEFAULT_TTL_S, ClusterClient, ClusterNode
 from accord.cluster.leases import read_status
 from accord.core.machine import Outcome
@@ -134,7 +135,7 @@ def node_command(
     except ValueError as exc:
         _fail(str(exc))
     try:
-        code = asyncio.run(_serve(node, status_file))
+        code = run(_serve(node, status_file))
     except (AccordError, OSError, ValueError) as exc:
         _fail(str(exc))
     raise typer.Exit(code)
@@ -240,7 +241,7 @@ def submit_command(
             return summary
 
     try:
-        summary = asyncio.run(go())
+        summary = run(go())
     except (AccordError, OSError, ValueError) as exc:
         _fail(str(exc))
     if as_json:
@@ -261,7 +262,7 @@ def status_command(
     dsn, schema = _pg(store)
 
     try:
-        status = asyncio.run(read_status(dsn, schema, lease_ttl))
+        status = run(read_status(dsn, schema, lease_ttl))
     except (AccordError, OSError) as exc:
         _fail(str(exc))
     if as_json:
@@ -297,7 +298,7 @@ def verify_command(
     dsn, schema = _pg(store)
     url, secret = _shop(services_url, secret_file)
     try:
-        summary = asyncio.run(verify_cluster(dsn, schema, url, secret))
+        summary = run(verify_cluster(dsn, schema, url, secret))
     except (AccordError, OSError, ValueError, RuntimeError) as exc:
         _fail(str(exc))
     if as_json:
