@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 from typer.testing import CliRunner, Result
 
 from accord.cli import app
+from accord.cli._loop import run as run_cli_loop
 from accord.core.records import TxnStatus
 from accord.sim.invariants import INVARIANTS
 
@@ -312,11 +314,7 @@ def test_txn_bad_input_is_a_clear_error(args: list[str], words: str, tmp_path: P
 
 
 def test_the_command_line_runs_on_uvloop() -> None:
-    import uvloop
-
-    from accord.cli._loop import run
-
     async def loop_type() -> type:
         return type(asyncio.get_running_loop())
 
-    assert run(loop_type()) is uvloop.Loop
+    assert run_cli_loop(loop_type()) is uvloop.Loop
