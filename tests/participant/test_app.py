@@ -390,3 +390,114 @@ async def test_saga_participant_over_real_http(tmp_path: Path) -> None:
         server.should_exit = True
         await serving
         await barrier.close()
+
+
+async def _direct_participant(tmp_path: Path) -> tuple[SQLiteBarrier, Participant[Any]]:
+    barrier = SQLiteBarrier(tmp_path / "b.db", max_workers=0)
+    await barrier.migrate()
+    participant: Participant[Any] = Participant(
+        barrier, wire.Verifier({KEY_ID: SECRET}), handlers={"try": lambda conn, call: "ok"}
+    )
+    return barrier, participant
+
+
+@pytest.mark.parametrize("root_path", ["", "/svc"])
+async def test_participant_serves_without_a_mount(tmp_path: Path, root_path: str) -> None:
+    """Used as the whole app (optionally under a server root_path): same routes and signature."""
+    barrier, participant = await _direct_participant(tmp_path)
+    body = msgspec.json.encode(call("try"))
+    path = f"{root_path}/try"
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=participant, root_path=root_path),
+            base_url=BASE_URL,
+        ) as client:
+            ok = await client.post(
+                path, content=body, headers=wire.sign(SECRET, KEY_ID, "POST", path, body)
+            )
+            assert (ok.status_code, ok.json()) == (200, {"result": "ok"})
+            assert ok.headers["content-type"] == "application/json"
+            unsigned = await client.post(path, content=body)
+            assert unsigned.status_code == 401
+            assert (await client.post(f"{root_path}/try/extra", content=body)).status_code == 404
+            assert (await client.post(f"{root_path}/", content=body)).status_code == 404
+            assert (await client.post(f"{root_path}/cancel", content=body)).status_code == 404
+    finally:
+        await barrier.close()
+
+
+async def test_other_methods_are_405_with_allow(http: Harness) -> None:
+    """A GET of an operation is 405 naming POST as allowed, even for an unknown op."""
+    for path in (f"{PREFIX}/try", f"{PREFIX}/bogus"):
+        response = await http.client.get(path)
+        assert response.status_code == 405
+        assert response.headers["allow"] == "POST"
+        assert response.json() == {"error": "Method Not Allowed"}
+
+
+async def test_malformed_content_length_is_400(http: Harness) -> None:
+    """A content-length that is not a number is refused with 400 naming it; nothing changes."""
+    before = await http.bank.state()
+    body = msgspec.json.encode(call("try"))
+    headers = wire.sign(SECRET, KEY_ID, "POST", f"{PREFIX}/try", body)
+    scope_headers = [(k.encode(), v.encode()) for k, v in headers.items()]
+    scope_headers.append((b"content-length", b"ten"))
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": f"{PREFIX}/try",
+        "raw_path": f"{PREFIX}/try".encode(),
+        "root_path": PREFIX,
+        "headers": scope_headers,
+        "query_string": b"",
+    }
+    await http.participant(scope, receive, send)
+    assert sent[0]["status"] == 400
+    assert msgspec.json.decode(sent[1]["body"]) == {"error": "malformed content-length 'ten'"}
+    assert await http.bank.state() == before
+
+
+async def test_a_client_gone_before_its_body_gets_no_answer(tmp_path: Path) -> None:
+    """A disconnect while the body is read sends nothing and runs nothing."""
+    barrier, participant = await _direct_participant(tmp_path)
+    sent: list[Any] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/try", "headers": []}
+    try:
+        await participant(scope, receive, send)
+        assert sent == []
+    finally:
+        await barrier.close()
+
+
+async def test_lifespan_when_served_alone(tmp_path: Path) -> None:
+    """Served as the whole app, the participant completes the server's startup and shutdown."""
+    barrier, participant = await _direct_participant(tmp_path)
+    incoming = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+    sent: list[str] = []
+
+    async def receive() -> dict[str, Any]:
+        return next(incoming)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message["type"])
+
+    try:
+        await participant({"type": "lifespan"}, receive, send)
+        assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    finally:
+        await barrier.close()
