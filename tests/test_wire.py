@@ -42,3 +42,12 @@ def test_signed_path_is_the_raw_request_path_without_query() -> None:
     scope = {"raw_path": b"/caf%C3%A9/try?x=1", "path": "/café/try"}
     assert wire.signed_path(scope, "/café/try") == "/caf%C3%A9/try"
     assert wire.signed_path({"path": "/a/try"}, "/a/try") == "/a/try"
+
+
+def test_signed_path_without_raw_path_is_the_escaped_decoded_path() -> None:
+    """Without raw_path or a fallback, the decoded path with ?, # and \\ escaped is signed."""
+    assert wire.signed_path({"path": "/a/try"}) == "/a/try"
+    assert wire.signed_path({"path": "/a?b#c\\d/try", "raw_path": b""}) == "/a%3Fb%23c%5Cd/try"
+    assert wire.signed_path({"path": "/café/try", "raw_path": b"/caf%C3%A9/try"}) == (
+        "/caf%C3%A9/try"
+    )

@@ -84,14 +84,19 @@ def decode_request(body: bytes) -> WireRequest:
     return request
 
 
-def signed_path(scope: Mapping[str, Any], fallback: str) -> str:
+def signed_path(scope: Mapping[str, Any], fallback: str | None = None) -> str:
     """The path that is signed: as the client put it on the request line,
-    percent-encoded, prefix included, query excluded (the ASGI ``raw_path``);
-    ``fallback`` (the decoded path) for servers that do not supply it."""
+    percent-encoded, prefix included, query excluded (the ASGI ``raw_path``).
+    For servers that do not supply it: ``fallback`` if given, else the
+    decoded ``path`` with ``?``, ``#`` and ``\\`` escaped (what Starlette's
+    ``request.url.path`` gives)."""
     raw = scope.get("raw_path")
     if isinstance(raw, bytes) and raw:
         return raw.decode("latin-1").split("?", 1)[0]
-    return fallback
+    if fallback is not None:
+        return fallback
+    path: str = scope["path"]
+    return path.replace("?", "%3F").replace("#", "%23").replace("\\", "%5C")
 
 
 def canonical(method: str, path: str, timestamp: str, nonce: str, body: bytes) -> bytes:

@@ -165,7 +165,10 @@ class Participant(Generic[TxT]):
             if body is None:
                 return 0, b"", False
             try:
-                self.verifier.verify("POST", _signed_path(scope), headers, body)
+                # The full path as the client put it on the request line (percent-encoded,
+                # prefix included): that is what the HTTP transport signs. The
+                # ASGI path is decoded, so it differs for e.g. /caf%C3%A9/try.
+                self.verifier.verify("POST", wire.signed_path(scope), headers, body)
             except wire.SignatureError as exc:
                 raise _Reply(401, f"signature rejected: {exc}") from None
             except wire.ReplayMemoryFull as exc:
@@ -209,19 +212,6 @@ def _route(scope: Scope) -> str | None:
     if len(path) < 2 or path[0] != "/" or "/" in path[1:]:
         return None
     return path[1:]
-
-
-def _signed_path(scope: Scope) -> str:
-    """The full path as the client put it on the request line: percent-encoded,
-    prefix included, query excluded. That is what the HTTP transport signs; the
-    ASGI ``path`` is percent-decoded, so it differs for paths such as
-    ``/caf%C3%A9/try``. Falls back to the decoded path (escaped as Starlette's
-    ``request.url.path`` is) for servers that omit ``raw_path``."""
-    raw = scope.get("raw_path")
-    if isinstance(raw, bytes) and raw:
-        return wire.signed_path(scope, "")
-    path: str = scope["path"]
-    return path.replace("?", "%3F").replace("#", "%23").replace("\\", "%5C")
 
 
 def _reply(result: BarrierResult) -> tuple[int, bytes, bool]:
