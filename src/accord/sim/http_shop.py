@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import math
 import random
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -46,6 +46,11 @@ from accord.sim.services import RULES, Counters, ServiceStore
 from accord.sim.workload import SERVICES
 
 log = logging.getLogger("accord.services")
+# Counters are stored as JSON text, ledger effects as JSON bytes (as the
+# in-process services store them); msgspec, not json: they are encoded and
+# decoded on every call.
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
 
 if TYPE_CHECKING:
     from accord.sim.http_shop_pg import PgShop
@@ -72,7 +77,7 @@ def create_databases(directory: Path, initial: dict[str, Counters]) -> None:
             conn.execute("CREATE TABLE counters (key TEXT PRIMARY KEY, v TEXT NOT NULL)")
             conn.executemany(
                 "INSERT INTO counters(key, v) VALUES (?, ?)",
-                [(k, json.dumps(v)) for k, v in initial[name].items()],
+                [(k, _encode(v).decode()) for k, v in initial[name].items()],
             )
         finally:
             conn.close()
@@ -81,7 +86,7 @@ def create_databases(directory: Path, initial: dict[str, Counters]) -> None:
 def read_counters(path: Path) -> Counters:
     conn = sqlite3.connect(path)
     try:
-        return {k: json.loads(v) for k, v in conn.execute("SELECT key, v FROM counters")}
+        return {k: _decode(v) for k, v in conn.execute("SELECT key, v FROM counters")}
     finally:
         conn.close()
 
@@ -96,7 +101,7 @@ class _Counters:
     def get(self, key: str, default: Any = None) -> Any:
         if key not in self.seen:
             row = self._conn.execute("SELECT v FROM counters WHERE key = ?", (key,)).fetchone()
-            self.seen[key] = json.loads(row[0]) if row else None
+            self.seen[key] = _decode(row[0]) if row else None
         value = self.seen[key]
         return default if value is None else value
 
@@ -116,12 +121,12 @@ def _handler(rules: sim.Rules, op: Op) -> Callable[[sqlite3.Connection, wire.Wir
             conn.execute(
                 "INSERT INTO counters(key, v) VALUES (?, ?)"
                 " ON CONFLICT(key) DO UPDATE SET v = excluded.v",
-                (key, json.dumps(new)),
+                (key, _encode(new).decode()),
             )
             view.seen[key] = new
         conn.execute(
             "INSERT INTO ledger(txid, branch, op, kind, effect) VALUES (?, ?, ?, ?, ?)",
-            (call.txid, call.branch, call.op, sim.APPLIED, json.dumps(effect)),
+            (call.txid, call.branch, call.op, sim.APPLIED, _encode(effect)),
         )
 
     return handle
@@ -224,9 +229,7 @@ async def _discard(message: Message) -> None:
 
 def _resigned(scope: Scope, body: bytes, secret: bytes) -> Scope:
     # Sign the path exactly as the participant will read it back.
-    fresh = wire.sign(
-        secret, KEY_ID, "POST", wire.signed_path(scope, Request(scope).url.path), body
-    )
+    fresh = wire.sign(secret, KEY_ID, "POST", wire.signed_path(scope), body)
     drop = {k.encode() for k in fresh}
     headers = [(k, v) for k, v in scope["headers"] if k.lower() not in drop]
     headers += [(k.encode(), v.encode()) for k, v in fresh.items()]
@@ -234,7 +237,7 @@ def _resigned(scope: Scope, body: bytes, secret: bytes) -> Scope:
 
 
 async def _plain(send: Send, status: int, message: str) -> None:
-    body = json.dumps({"error": message}).encode()
+    body = _encode({"error": message})
     await send(
         {
             "type": "http.response.start",
@@ -248,6 +251,37 @@ async def _plain(send: Send, status: int, message: str) -> None:
 # ---------------------------------------------------------------- the app
 
 
+class ShopApp(Starlette):
+    """The shop's Starlette app, with the services' calls dispatched in front of it.
+
+    A call to a service (``/{name}/...``) goes straight to that service's
+    stack (fault middleware, then participant) with ``root_path`` set as
+    Starlette's ``Mount`` sets it, skipping Starlette's middleware and router:
+    these are the hot path, and each layer costs CPU on every call. Everything
+    else (admin, health, lifespan, and any path the dispatch does not take)
+    goes through Starlette, where the same services are also mounted.
+    """
+
+    def __init__(self, services: dict[str, ASGIApp], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.services = {f"/{name}": app for name, app in services.items()}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            root_path: str = scope.get("root_path", "")
+            start = len(root_path) if root_path and path.startswith(root_path) else 0
+            cut = path.find("/", start + 1)
+            if cut > 0 and path[start : start + 1] == "/":
+                service = self.services.get(path[start:cut])
+                if service is not None:
+                    scope["app"] = self
+                    scope["root_path"] = path[:cut]
+                    await service(scope, receive, send)
+                    return
+        await super().__call__(scope, receive, send)
+
+
 def build_app(
     directory: Path | None,
     secret: bytes,
@@ -256,7 +290,7 @@ def build_app(
     pg: PgShop | None = None,
     retention_s: float = DEFAULT_MIN_RETENTION_S,
     cleanup_every_s: float = 3600.0,
-) -> tuple[Starlette, list[SQLiteBarrier]]:
+) -> tuple[ShopApp, list[SQLiteBarrier]]:
     """The four services under /order, /inventory, /payment, /shipping, plus admin.
 
     With ``pg`` their state is in PostgreSQL (``directory`` is unused) and the
@@ -276,12 +310,12 @@ def build_app(
     faults.validate()
     faults.rng = random.Random(faults.seed)
     verifier = wire.Verifier({KEY_ID: secret})
-    routes: list[Any] = []
+    services: dict[str, ASGIApp] = {}
     barriers = []
     for name in SERVICES:
         if pg is not None:
             service = pg.participant(name, verifier)
-            routes.append(Mount(f"/{name}", FaultMiddleware(service, name, faults, secret)))
+            services[name] = FaultMiddleware(service, name, faults, secret)
             continue
         assert directory is not None, "give the services' directory or pg"
         # NORMAL: a commit survives the crash of the process (the scenario's
@@ -297,7 +331,8 @@ def build_app(
         participant: Participant[sqlite3.Connection] = Participant(
             barrier, verifier, handlers={op: _handler(rules, op) for op in Op}
         )
-        routes.append(Mount(f"/{name}", FaultMiddleware(participant, name, faults, secret)))
+        services[name] = FaultMiddleware(participant, name, faults, secret)
+    routes: list[Any] = [Mount(f"/{name}", app) for name, app in services.items()]
 
     def authorized(request: Request) -> bool:
         given = request.headers.get("authorization", "")
@@ -345,7 +380,7 @@ def build_app(
     ]
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: ShopApp) -> AsyncIterator[None]:
         if pg is not None:
             await pg.open()  # the pool; missing schemas created, barriers migrated
         for barrier in barriers:
@@ -363,7 +398,7 @@ def build_app(
             if pg is not None:
                 await pg.close()
 
-    return Starlette(routes=routes, lifespan=lifespan), barriers
+    return ShopApp(services, routes=routes, lifespan=lifespan), barriers
 
 
 async def _clean_periodically(barriers: list[Any], retention_s: float, every_s: float) -> None:
