@@ -817,6 +817,34 @@ async def test_postgres_appends_during_a_flush_go_to_the_next_batch(
     assert await active_ids(pg_store) == ["a", "b"]
 
 
+async def test_postgres_batch_meeting_another_writers_begin(pg_store: PostgresStore) -> None:
+    """A batch written in one statement whose Begin reuses an id another writer
+    logged meanwhile is written again row by row: that Begin is refused, the
+    rest of the batch is kept, and the other writer's transaction is intact."""
+    other = PostgresStore(PG_DSN, schema=pg_store.schema, pool_size=1)
+    await other.open()
+    try:
+        await write(other, begin("x", at=T0 + 5))
+    finally:
+        await other.close()
+    rejected = await write(pg_store, begin("x"), begin("y"), decided("y", Decision.ABORT))
+    assert rejected == frozenset({"x"})
+    assert await active_ids(pg_store) == ["x", "y"]
+    x = await pg_store.get("x")
+    assert x is not None and x.created_at_ms == T0 + 5  # the other writer's
+    y = await pg_store.get("y")
+    assert y is not None and y.decision is Decision.ABORT
+    assert pg_store.stats().batches == 1
+
+
+async def test_postgres_a_batch_opening_and_closing_one_id(pg_store: PostgresStore) -> None:
+    """Begin and End of one transaction in one batch leave it closed."""
+    await write(pg_store, begin("a"), decided("a", Decision.ABORT), ended("a", TxnStatus.ABORTED))
+    assert await active_ids(pg_store) == []
+    snap = await pg_store.get("a")
+    assert snap is not None and snap.status is TxnStatus.ABORTED
+
+
 async def test_postgres_flush_survives_dropped_connections(pg_store: PostgresStore) -> None:
     """A batch whose connection was killed is retried on a new one and commits."""
     await write(pg_store, begin("a"))

@@ -78,6 +78,7 @@ from accord.errors import SchemaVersionError, StoreError
 from accord.log._rows import (
     Note,
     OpenTransactions,
+    Reopen,
     filter_batch,
     fold_records,
     fold_rows,
@@ -222,6 +223,17 @@ class PostgresStore(Store):
             f"INSERT INTO {s}.txn_open(txid) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING"
         )
         self._close_open = f"DELETE FROM {s}.txn_open WHERE txid = ANY($1::text[])"
+        # The common batch in one round trip: its records, the transactions it
+        # opens and closes, and the PostgreSQL transaction id (for a COMMIT
+        # left in doubt). The sub-statements see one snapshot, so no id may be
+        # both opened and closed by it (see _write_fast).
+        self._write_all = (
+            f"WITH l AS (INSERT INTO {s}.log({_ROWS})"
+            " SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[])),"
+            f" o AS (INSERT INTO {s}.txn_open(txid) SELECT unnest($5::text[])),"
+            f" c AS (DELETE FROM {s}.txn_open WHERE txid = ANY($6::text[]))"
+            " SELECT txid_current()"
+        )
         self._logged = f"SELECT txid FROM {s}.log WHERE kind = 'begin' AND txid = ANY($1::text[])"
         # Cluster mode.
         self._insert_log_fenced = (
@@ -493,6 +505,7 @@ class PostgresStore(Store):
         # (PostgreSQL transaction id, result) of an attempt whose COMMIT was
         # sent but not acknowledged: it may have committed.
         doubt: tuple[int, _BatchResult] | None = None
+        collided = False  # the one-statement write met a duplicate Begin
         for attempt in range(self.retries):
             try:
                 if doubt is not None:
@@ -508,10 +521,21 @@ class PostgresStore(Store):
                 state: dict[str, Any] = {}
                 try:
                     async with conn.transaction():
-                        result = await self._write_batch(conn, batch)
-                        state["xid"] = await conn.fetchval("SELECT txid_current()")
+                        fast = None if collided else await self._write_fast(conn, batch)
+                        if fast is not None:
+                            state["xid"], result = fast
+                        else:
+                            result = await self._write_batch(conn, batch)
+                            state["xid"] = await conn.fetchval("SELECT txid_current()")
                         state["result"] = result
                     return result
+                except asyncpg.UniqueViolationError:
+                    if collided:
+                        raise
+                    # A Begin of the batch reuses a logged id: the transaction
+                    # is rolled back; write the batch again, the careful way.
+                    collided = True
+                    continue
                 except _TRANSIENT:
                     # Noted first: the COMMIT may have gone through.
                     if "result" in state:
@@ -533,6 +557,40 @@ class PostgresStore(Store):
             except asyncpg.PostgresError as exc:
                 raise StoreError(f"log write failed: {exc}") from exc
         raise AssertionError("unreachable")
+
+    async def _write_fast(
+        self, conn: Any, rows: builtins.list[tuple[Any, ...]]
+    ) -> tuple[int, _BatchResult] | None:
+        """The batch in one statement, inside the batch's transaction:
+        (PostgreSQL transaction id, result), or None if the batch needs
+        :meth:`_write_batch` (a cluster's, or one with operator notes or
+        reopenings). A Begin whose id is logged already fails the statement
+        with a unique violation (the caller then writes the batch again
+        with :meth:`_write_batch`, which finds and refuses it)."""
+        if self._fence is not None:
+            return None
+        begins: builtins.list[str] = []
+        for r in rows:
+            if type(r) is Note or type(r) is Reopen:
+                return None
+            if r[1] == "begin":
+                begins.append(r[0])
+        closed, _ = open_after(rows)
+        if begins and closed:
+            both = set(begins).intersection(closed)
+            if both:  # opened and closed in one batch: neither
+                begins = [t for t in begins if t not in both]
+                closed = [t for t in closed if t not in both]
+        xid = await conn.fetchval(
+            self._write_all,
+            [r[0] for r in rows],
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            [r[3] for r in rows],
+            begins,
+            closed,
+        )
+        return xid, (set(), [], [])
 
     async def _write_batch(self, conn: Any, rows: builtins.list[tuple[Any, ...]]) -> _BatchResult:
         """Runs inside the batch's transaction. Returns (ids whose Begin was
