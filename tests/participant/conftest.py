@@ -34,6 +34,9 @@ import pytest
 from accord.core.spec import Op
 from accord.participant import BarrierResult, PostgresBarrier, Refusal, SQLiteBarrier
 
+# sqlite-grouped: the SQLite barrier with group commit (calls of one event-loop
+# turn share a transaction), held to every rule the others are.
+BACKENDS = ["sqlite", "sqlite-grouped", "postgres"]
 PG_DSN = os.environ.get("ACCORD_TEST_PG_DSN", "postgresql://postgres@127.0.0.1/test")
 START_S = 1_700_000_000.0
 INITIAL = {"alice": 1000, "bob": 50}
@@ -125,10 +128,14 @@ def _result(op: Op, amount: int, balance: int, result: Any) -> Any:
 class SQLiteBank(Bank):
     backend = "sqlite"
 
-    def __init__(self, path: Path, clock: FakeClock) -> None:
+    def __init__(self, path: Path, clock: FakeClock, *, group_commit: bool = False) -> None:
         super().__init__(clock)
         self.path = path
-        self.barrier = SQLiteBarrier(path, max_workers=8, clock=clock)
+        self.barrier = (
+            SQLiteBarrier(path, max_workers=0, group_commit=True, clock=clock)
+            if group_commit
+            else SQLiteBarrier(path, max_workers=8, clock=clock)
+        )
 
     async def setup(self) -> None:
         conn = sqlite3.connect(self.path)
@@ -309,8 +316,8 @@ async def pg_schema(max_size: int = 10) -> AsyncIterator[tuple[Any, str]]:
 @asynccontextmanager
 async def open_bank(backend: str, tmp_path: Path) -> AsyncIterator[Bank]:
     clock = FakeClock()
-    if backend == "sqlite":
-        sqlite_bank = SQLiteBank(tmp_path / "bank.db", clock)
+    if backend in BACKENDS[:2]:
+        sqlite_bank = SQLiteBank(tmp_path / "bank.db", clock, group_commit=backend == BACKENDS[1])
         try:
             await sqlite_bank.setup()
             yield sqlite_bank
@@ -323,7 +330,7 @@ async def open_bank(backend: str, tmp_path: Path) -> AsyncIterator[Bank]:
         yield pg_bank
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=BACKENDS)
 async def bank(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Bank]:
     async with open_bank(request.param, tmp_path) as opened:
         yield opened

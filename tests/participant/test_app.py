@@ -21,7 +21,7 @@ from accord import wire
 from accord.core.spec import Op
 from accord.participant import Participant, Refusal, SQLiteBarrier
 
-from .conftest import INITIAL, Bank, open_bank
+from .conftest import BACKENDS, INITIAL, Bank, open_bank
 
 KEY_ID = "coordinator-1"
 SECRET = b"a shared secret of enough length"
@@ -90,7 +90,7 @@ def _handler(bank: Bank, op: Op, fail_next: list[BaseException]) -> Callable[[An
     return handle
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=BACKENDS)
 async def http(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
     async with open_bank(request.param, tmp_path) as bank:
         fail_next: list[BaseException] = []

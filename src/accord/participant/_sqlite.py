@@ -9,11 +9,27 @@ processes sharing the file. Concurrent calls wait for the lock (up to
 cancel never both apply" hold without any row locking. Handlers are plain
 functions of the ``sqlite3.Connection``; they run in the worker thread while
 the lock is held, so they should be short.
+
+With ``group_commit=True`` (which runs on the event loop's thread,
+``max_workers=0``), the calls that reach the barrier during one turn of the
+event loop share one local transaction: the first opens it (``BEGIN
+IMMEDIATE``), each call runs inside its own ``SAVEPOINT`` (its refusal,
+rejection or exception rolls back only its own work), and one ``COMMIT`` at
+the next turn makes them all durable. No call gets its answer before that
+``COMMIT`` succeeded; if it fails, every call of the batch fails (the caller
+answers 500, transient) and nothing of the batch is kept. A call sees the
+changes of the calls before it in its batch, exactly as if they had committed
+one after another, and the write lock still serializes batches across
+processes, so the barrier's guarantees are those of one call per transaction.
+What changes: a call's answer waits for its batch's ``COMMIT`` (one loop
+turn), a failed ``COMMIT`` fails calls that would have succeeded alone, and
+the write lock is held across that loop turn.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import os
@@ -53,7 +69,21 @@ from accord.participant._barrier import (
 SQLiteHandler = Callable[[sqlite3.Connection], Any]
 
 _SAVEPOINT = "accord_handler"
+_CALL_SAVEPOINT = "accord_call"
 _T = TypeVar("_T")
+
+MAX_BATCH_CALLS = 256
+"""With group commit, a batch holding this many calls commits at once."""
+
+
+class _Batch:
+    """The calls sharing one local transaction, and their answers-to-be."""
+
+    __slots__ = ("calls", "done")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.calls: list[tuple[asyncio.Future[BarrierResult], BarrierResult]] = []
+        self.done: asyncio.Future[None] = loop.create_future()
 
 
 class SQLiteBarrier:
@@ -63,7 +93,9 @@ class SQLiteBarrier:
     neither commit nor roll back. ``synchronous="FULL"`` (the default) makes
     a commit survive power loss: the answer the coordinator receives is then
     never forgotten. ``max_workers`` bounds the threads (and connections);
-    0 runs every call on the event loop's thread.
+    0 runs every call on the event loop's thread. ``group_commit`` (only with
+    ``max_workers=0``) commits the calls of one event-loop turn together; see
+    the module's docstring for what that changes.
     """
 
     def __init__(
@@ -76,9 +108,15 @@ class SQLiteBarrier:
         synchronous: Literal["FULL", "NORMAL"] = "FULL",
         min_retention_s: float = DEFAULT_MIN_RETENTION_S,
         clock: Callable[[], float] = time.time,
+        group_commit: bool = False,
     ) -> None:
         if not 0 <= max_workers <= 64:
             raise ValueError(f"max_workers must be between 0 and 64, got {max_workers}")
+        if group_commit and max_workers:
+            raise ValueError(
+                f"group_commit runs on the event loop's thread: it needs max_workers=0,"
+                f" got {max_workers}"
+            )
         if not 0 < busy_timeout_s <= 3600:
             raise ValueError(f"busy_timeout_s must be in (0, 3600], got {busy_timeout_s}")
         if synchronous not in ("FULL", "NORMAL"):
@@ -105,6 +143,8 @@ class SQLiteBarrier:
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         self._closed = False
+        self._group_commit = group_commit
+        self._batch: _Batch | None = None
 
     @property
     def async_handlers(self) -> bool:
@@ -121,6 +161,7 @@ class SQLiteBarrier:
         if self._closed:
             return
         self._closed = True
+        await self._batches_done()
         if self._executor is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
         with self._connections_lock:
@@ -138,6 +179,10 @@ class SQLiteBarrier:
         checked = check_key(txid, branch, op)
         if inspect.iscoroutinefunction(handler):
             raise TypeError("SQLiteBarrier handlers must be plain functions, not coroutines")
+        if self._group_commit:
+            if self._closed:
+                raise BarrierError("the barrier is closed")
+            return await self._run_in_batch(txid, branch, checked, handler)
         return await self._submit(functools.partial(self._run_sync, txid, branch, checked, handler))
 
     async def cleanup(self, older_than_s: float) -> int:
@@ -153,8 +198,76 @@ class SQLiteBarrier:
         if self._closed:
             raise BarrierError("the barrier is closed")
         if self._executor is None:
+            # On the loop's thread, on the connection a batch may hold open:
+            # wait for it (and run without yielding, so no batch opens before fn).
+            await self._batches_done()
             return fn()
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    async def _batches_done(self) -> None:
+        while self._batch is not None:
+            await asyncio.shield(self._batch.done)
+
+    # ------------------------------------------------------------ group commit
+
+    async def _run_in_batch(
+        self, txid: str, branch: str, op: Op, handler: SQLiteHandler
+    ) -> BarrierResult:
+        conn = self._connection()
+        loop = asyncio.get_running_loop()
+        batch = self._batch
+        if batch is None:
+            if conn.in_transaction:  # left over from a COMMIT and ROLLBACK that both failed
+                conn.execute("ROLLBACK")
+            conn.execute("BEGIN IMMEDIATE")
+            batch = self._batch = _Batch(loop)
+            loop.call_soon(self._commit_batch, batch)
+        elif not conn.in_transaction:
+            # An error (or a handler) ended the batch's transaction: running
+            # now would run outside it, in autocommit. The batch will fail.
+            raise BarrierError("the batch's local transaction ended early; the call can be retried")
+        now_ms = int(self._clock() * 1000)
+        conn.execute(f"SAVEPOINT {_CALL_SAVEPOINT}")
+        try:
+            result, keep = self._apply(conn, txid, branch, op, handler, now_ms)
+            if not keep:
+                conn.execute(f"ROLLBACK TO {_CALL_SAVEPOINT}")
+            conn.execute(f"RELEASE {_CALL_SAVEPOINT}")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute(f"ROLLBACK TO {_CALL_SAVEPOINT}")
+                conn.execute(f"RELEASE {_CALL_SAVEPOINT}")
+            raise
+        answered: asyncio.Future[BarrierResult] = loop.create_future()
+        batch.calls.append((answered, result))
+        if len(batch.calls) >= MAX_BATCH_CALLS:
+            self._commit_batch(batch)
+        return await answered
+
+    def _commit_batch(self, batch: _Batch) -> None:
+        """Commit ``batch`` and answer its calls (once; a full batch commits early)."""
+        if self._batch is not batch:
+            return
+        self._batch = None
+        conn = self._connection()
+        try:
+            if not conn.in_transaction:
+                raise BarrierError("the batch's local transaction ended before its COMMIT")
+            conn.execute("COMMIT")
+        except Exception as exc:  # noqa: BLE001 - every call of the batch gets the failure
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            for answered, _ in batch.calls:
+                if not answered.done():
+                    answered.set_exception(exc)
+        else:
+            for answered, result in batch.calls:
+                if not answered.done():
+                    answered.set_result(result)
+        finally:
+            if not batch.done.done():
+                batch.done.set_result(None)
 
     def _connection(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
