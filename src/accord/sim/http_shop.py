@@ -319,11 +319,14 @@ def build_app(
             continue
         assert directory is not None, "give the services' directory or pg"
         # NORMAL: a commit survives the crash of the process (the scenario's
-        # crashes), not of the machine; inline: see SQLiteBarrier.
+        # crashes), not of the machine; inline, and the calls of one loop turn
+        # committed together: see SQLiteBarrier. One barrier per file in this
+        # process, as group commit requires.
         barrier = SQLiteBarrier(
             directory / f"{name}.db",
             synchronous="NORMAL",
             max_workers=0,
+            group_commit=True,
             min_retention_s=min(DEFAULT_MIN_RETENTION_S, retention_s),
         )
         barriers.append(barrier)
