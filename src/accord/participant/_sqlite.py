@@ -36,6 +36,7 @@ import os
 import sqlite3
 import threading
 import time
+import types
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, TypeVar
@@ -126,6 +127,20 @@ class SQLiteBarrier:
         self._table = check_table(table)
         if "." in table:
             raise ValueError("a SQLite barrier table cannot be schema-qualified")
+        # Built once: these run on every call.
+        self._sql_insert = (
+            f"INSERT OR IGNORE INTO {self._table}"
+            " (txid, branch, op, kind, result, error, created_at_ms)"
+            " VALUES (?, ?, ?, ?, NULL, ?, ?)"
+        )
+        self._sql_select = (
+            f"SELECT kind, result, error FROM {self._table}"
+            " WHERE txid = ? AND branch = ? AND op = ?"
+        )
+        self._sql_finish = (
+            f"UPDATE {self._table} SET kind = ?, result = ?, error = ?"
+            " WHERE txid = ? AND branch = ? AND op = ? AND kind = 'pending'"
+        )
         self._busy_timeout_s = busy_timeout_s
         self._synchronous = synchronous
         self.min_retention_s = check_min_retention(min_retention_s)
@@ -177,7 +192,7 @@ class SQLiteBarrier:
     ) -> BarrierResult:
         """Run ``handler`` at most once for ``(txid, branch, op)``; see :class:`Barrier`."""
         checked = check_key(txid, branch, op)
-        if inspect.iscoroutinefunction(handler):
+        if not _plain_function(handler) and inspect.iscoroutinefunction(handler):
             raise TypeError("SQLiteBarrier handlers must be plain functions, not coroutines")
         if self._group_commit:
             if self._closed:
@@ -389,20 +404,11 @@ class SQLiteBarrier:
         error: str,
         now_ms: int,
     ) -> bool:
-        cursor = conn.execute(
-            f"INSERT OR IGNORE INTO {self._table}"
-            " (txid, branch, op, kind, result, error, created_at_ms)"
-            " VALUES (?, ?, ?, ?, NULL, ?, ?)",
-            (txid, branch, op.value, kind.value, error, now_ms),
-        )
+        cursor = conn.execute(self._sql_insert, (txid, branch, op.value, kind.value, error, now_ms))
         return cursor.rowcount == 1
 
     def _select(self, conn: sqlite3.Connection, txid: str, branch: str, op: Op) -> Row | None:
-        found = conn.execute(
-            f"SELECT kind, result, error FROM {self._table}"
-            " WHERE txid = ? AND branch = ? AND op = ?",
-            (txid, branch, op.value),
-        ).fetchone()
+        found = conn.execute(self._sql_select, (txid, branch, op.value)).fetchone()
         if found is None:
             return None
         return _row(found[0], found[1], found[2])
@@ -417,11 +423,7 @@ class SQLiteBarrier:
         result: str | None,
         error: str,
     ) -> None:
-        cursor = conn.execute(
-            f"UPDATE {self._table} SET kind = ?, result = ?, error = ?"
-            " WHERE txid = ? AND branch = ? AND op = ? AND kind = 'pending'",
-            (kind.value, result, error, txid, branch, op.value),
-        )
+        cursor = conn.execute(self._sql_finish, (kind.value, result, error, txid, branch, op.value))
         if cursor.rowcount != 1:
             raise BarrierError(f"barrier row ({txid}, {branch}, {op}) is no longer pending")
 
@@ -443,6 +445,12 @@ class SQLiteBarrier:
             deleted += cursor.rowcount
             if cursor.rowcount < CLEANUP_BATCH_ROWS:
                 return deleted
+
+
+def _plain_function(fn: object) -> bool:
+    """A ``def`` or ``lambda`` that is not ``async``: the common case, told
+    apart without ``inspect`` (which unwraps partials and methods first)."""
+    return type(fn) is types.FunctionType and not fn.__code__.co_flags & inspect.CO_COROUTINE
 
 
 def _check_open(conn: sqlite3.Connection) -> None:
