@@ -51,6 +51,7 @@ from accord.sim.http_demo import free_port, load_secret
 from accord.sim.workload import ShopConfig, Workload, order_spec
 
 ACCORD = [sys.executable, "-c", "from accord.cli import main; main()"]
+NULL_NODE = Path(__file__).with_name("null_node.py")
 DSN = os.environ.get("ACCORD_BENCH_PG_DSN", "postgresql://postgres@127.0.0.1/test")
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 
@@ -80,10 +81,10 @@ class Run:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.latency_ms = latency_ms
 
-    def _spawn(self, name: str, args: list[str]) -> None:
+    def _spawn(self, name: str, args: list[str], command: list[str] = ACCORD) -> None:
         with (self.tmp / f"{name}.log").open("wb") as log:
             self.procs[name] = subprocess.Popen(
-                [*ACCORD, *args], stdout=log, stderr=subprocess.STDOUT
+                [*command, *args], stdout=log, stderr=subprocess.STDOUT
             )
 
     async def start_services(self) -> None:
@@ -107,17 +108,14 @@ class Run:
                 await asyncio.sleep(0.1)
 
     def start_node(self, name: str, *, shards: int, ttl_s: float, concurrency: int) -> None:
-        extra = (
-            ["--null-participants"]
-            if self.null
-            else ["--services-url", self.url, "--secret-file", str(self.secret)]
-        )
-        self._spawn(
-            name,
-            ["cluster", "node", "--store", self.store, "--node-id", name,
-             "--shards", str(shards), "--lease-ttl", str(ttl_s),
-             "--concurrency", str(concurrency), "--log-level", "WARNING", *extra],
-        )  # fmt: skip
+        common = ["--store", self.store, "--node-id", name, "--shards", str(shards),
+                  "--lease-ttl", str(ttl_s), "--concurrency", str(concurrency),
+                  "--log-level", "WARNING"]  # fmt: skip
+        if self.null:
+            self._spawn(name, [str(NULL_NODE), *common], command=[sys.executable])
+        else:
+            shop = ["--services-url", self.url, "--secret-file", str(self.secret)]
+            self._spawn(name, ["cluster", "node", *common, *shop])
 
     async def settled(
         self, conn: Any, nodes: list[str], shards: int, timeout_s: float = 60

@@ -28,7 +28,6 @@ from rich.table import Table
 from accord.cli._loop import run
 from accord.cluster import DEFAULT_SHARDS, DEFAULT_TTL_S, ClusterClient, ClusterNode
 from accord.cluster.leases import read_status
-from accord.core.machine import Outcome
 from accord.core.records import TxnStatus
 from accord.core.spec import Protocol
 from accord.errors import AccordError
@@ -38,7 +37,6 @@ from accord.sim.demo import HTTP_CALL_TIMEOUT_S
 from accord.sim.http_demo import RemoteShop, load_secret
 from accord.sim.http_shop import KEY_ID
 from accord.sim.workload import ShopConfig, Workload, order_spec
-from accord.transport.base import Call, Reply, Started, Transport
 from accord.transport.http import HttpTransport
 
 cluster_app = typer.Typer(
@@ -99,23 +97,11 @@ def node_command(
         Path | None, typer.Option(help="Write this node's status (JSON) here every second.")
     ] = None,
     log_level: Annotated[str, typer.Option(help="Log level on stderr.")] = "INFO",
-    null_participants: Annotated[
-        bool,
-        typer.Option(
-            "--null-participants",
-            help="Benchmarks: every call succeeds at once, nothing is sent (measures the"
-            " coordinators and the log alone).",
-        ),
-    ] = False,
 ) -> None:
     """Run one coordinator of a cluster until SIGTERM or SIGINT (then drain and leave)."""
     dsn, schema = _pg(store)
-    transport: Transport
-    if null_participants:
-        transport = _Null()
-    else:
-        url, secret = _shop(services_url, secret_file)
-        transport = HttpTransport({url: (KEY_ID, secret)})
+    url, secret = _shop(services_url, secret_file)
+    transport = HttpTransport({url: (KEY_ID, secret)})
     logging.basicConfig(
         level=log_level.upper(),
         stream=sys.stderr,
@@ -135,26 +121,15 @@ def node_command(
     except ValueError as exc:
         _fail(str(exc))
     try:
-        code = run(_serve(node, status_file))
+        code = run(serve_node(node, status_file))
     except (AccordError, OSError, ValueError) as exc:
         _fail(str(exc))
     raise typer.Exit(code)
 
 
-class _Null(Transport):
-    """Participants that say yes at once, without being called."""
-
-    def start(self, call: Call) -> Started:
-        return _YES
-
-    async def call(self, call: Call) -> Reply:
-        return _YES
-
-
-_YES = Reply(Outcome.OK)
-
-
-async def _serve(node: ClusterNode, status_file: Path | None) -> int:
+async def serve_node(node: ClusterNode, status_file: Path | None) -> int:
+    """Run ``node`` until SIGTERM or SIGINT, or until it stops by itself
+    (then exit status 1); write its status to ``status_file`` every second."""
     await node.start()
     assert node.stopped is not None
     loop = asyncio.get_running_loop()
