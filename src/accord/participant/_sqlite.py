@@ -23,7 +23,10 @@ one after another, and the write lock still serializes batches across
 processes, so the barrier's guarantees are those of one call per transaction.
 What changes: a call's answer waits for its batch's ``COMMIT`` (one loop
 turn), a failed ``COMMIT`` fails calls that would have succeeded alone, and
-the write lock is held across that loop turn.
+the write lock is held across that loop turn. So keep one grouped barrier per
+database file in a process: another connection writing the same file from
+the same event loop would wait (``busy_timeout_s``) for a lock that only the
+loop can release.
 """
 
 from __future__ import annotations
