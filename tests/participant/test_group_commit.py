@@ -152,6 +152,27 @@ async def test_a_handler_that_commits_fails_the_rest_of_its_batch(tmp_path: Path
         assert bank.runs["try"] == 2  # t1 once; t3 only on its retry (refused to run outside)
 
 
+async def test_a_call_that_cannot_be_rolled_back_fails_its_batch(tmp_path: Path) -> None:
+    """If a failed call's work cannot be undone, the batch is rolled back, not committed."""
+    async with open_bank("sqlite-grouped", tmp_path) as bank:
+        before = await bank.state()
+
+        def releases_the_call(tx: sqlite3.Connection) -> None:
+            tx.execute("INSERT INTO ledger VALUES ('rogue', 'b', 'try')")
+            tx.execute("RELEASE accord_call")  # the barrier's own savepoint, gone
+
+        results = await asyncio.gather(
+            bank.call("t1", Op.TRY),
+            bank.barrier.run("t2", "other", Op.TRY, releases_the_call),
+            bank.call("t3", Op.TRY),
+            return_exceptions=True,
+        )
+        assert isinstance(results[1], sqlite3.OperationalError)
+        assert isinstance(results[0], BarrierError) and isinstance(results[2], BarrierError)
+        assert await bank.state() == before
+        assert (await bank.call("t1", Op.TRY)).outcome is Outcome.OK
+
+
 async def test_cleanup_and_close_wait_for_an_open_batch(tmp_path: Path) -> None:
     """Cleanup and close share the batch's connection: they run after its COMMIT."""
     async with open_bank("sqlite-grouped", tmp_path) as bank:

@@ -83,11 +83,13 @@ MAX_BATCH_CALLS = 256
 class _Batch:
     """The calls sharing one local transaction, and their answers-to-be."""
 
-    __slots__ = ("calls", "done")
+    __slots__ = ("broken", "calls", "done")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.calls: list[tuple[asyncio.Future[BarrierResult], BarrierResult]] = []
         self.done: asyncio.Future[None] = loop.create_future()
+        # A call's work could not be rolled back: the batch must not commit.
+        self.broken = False
 
 
 class SQLiteBarrier:
@@ -240,22 +242,23 @@ class SQLiteBarrier:
             conn.execute("BEGIN IMMEDIATE")
             batch = self._batch = _Batch(loop)
             loop.call_soon(self._commit_batch, batch)
-        elif not conn.in_transaction:
-            # An error (or a handler) ended the batch's transaction: running
-            # now would run outside it, in autocommit. The batch will fail.
-            raise BarrierError("the batch's local transaction ended early; the call can be retried")
+        elif batch.broken or not conn.in_transaction:
+            # An error (or a handler) ended the batch's transaction, or left
+            # work in it that could not be undone: running now would run in
+            # autocommit or commit with it. The batch will fail.
+            raise BarrierError("the batch's local transaction failed; the call can be retried")
         now_ms = int(self._clock() * 1000)
         conn.execute(f"SAVEPOINT {_CALL_SAVEPOINT}")
+        done = False
         try:
             result, keep = self._apply(conn, txid, branch, op, handler, now_ms)
             if not keep:
                 conn.execute(f"ROLLBACK TO {_CALL_SAVEPOINT}")
             conn.execute(f"RELEASE {_CALL_SAVEPOINT}")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute(f"ROLLBACK TO {_CALL_SAVEPOINT}")
-                conn.execute(f"RELEASE {_CALL_SAVEPOINT}")
-            raise
+            done = True
+        finally:
+            if not done:
+                _abandon_call(conn, batch)
         answered: asyncio.Future[BarrierResult] = loop.create_future()
         batch.calls.append((answered, result))
         if len(batch.calls) >= MAX_BATCH_CALLS:
@@ -271,6 +274,8 @@ class SQLiteBarrier:
         try:
             if not conn.in_transaction:
                 raise BarrierError("the batch's local transaction ended before its COMMIT")
+            if batch.broken:
+                raise BarrierError("a call's work in the batch could not be rolled back")
             conn.execute("COMMIT")
         except Exception as exc:  # noqa: BLE001 - every call of the batch gets the failure
             if conn.in_transaction:
@@ -448,6 +453,17 @@ class SQLiteBarrier:
             deleted += cursor.rowcount
             if cursor.rowcount < CLEANUP_BATCH_ROWS:
                 return deleted
+
+
+def _abandon_call(conn: sqlite3.Connection, batch: _Batch) -> None:
+    """Undo a failed call's work in its batch; if even that fails, the whole
+    batch is rolled back instead of committed (the call's own error is raised)."""
+    try:
+        if conn.in_transaction:
+            conn.execute(f"ROLLBACK TO {_CALL_SAVEPOINT}")
+            conn.execute(f"RELEASE {_CALL_SAVEPOINT}")
+    except sqlite3.Error:
+        batch.broken = True
 
 
 def _plain_function(fn: object) -> bool:
