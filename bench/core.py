@@ -12,7 +12,6 @@ transaction and records per group commit, then the medians.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import statistics
@@ -37,6 +36,7 @@ from accord import (
     Store,
     TransactionSpec,
 )
+from accord.cli._loop import run
 from accord.cli.app import tune_gc
 from accord.log.postgres import PostgresStore
 
@@ -97,7 +97,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:
         with tempfile.TemporaryDirectory() as tmp:
-            print(json.dumps(asyncio.run(one(args.one, args.orders, Path(tmp)))))
+            print(json.dumps(run(one(args.one, args.orders, Path(tmp)))))
         return
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in CONFIGS}
     for i in range(args.repeat):
