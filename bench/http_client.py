@@ -1,7 +1,8 @@
-"""aiohttp vs httpx as the coordinator's async HTTP client (and HttpTransport on aiohttp).
+"""aiohttp, httpx and pyreqwest as the coordinator's async HTTP client, and HttpTransport.
 
     .venv/bin/python bench/http_client.py [--seconds 3] [--in-flight 100] [--repeat 3]
-                                          [--server aiohttp|uvicorn]
+                                          [--server aiohttp|uvicorn] [--loop uvloop|asyncio]
+                                          [--also-transport path/to/http.py ...]
 
 Starts a participant-like server in a subprocess on 127.0.0.1 (aiohttp.web by
 default, whose C parser keeps the server from being the bottleneck; or uvicorn
@@ -11,18 +12,25 @@ for ``--seconds`` with ``--in-flight`` of them outstanding at once (closed
 loop), after a short warm-up; a time budget rather than a request count keeps
 the whole run under a minute however slow a client is. The clients run
 interleaved, ``--repeat`` times each; the median run (by requests/s) of each
-is printed with its p50/p99 latency. A third row, ``accord``, is
-:class:`~accord.transport.http.HttpTransport` itself (aiohttp plus signing,
-trace context and reply mapping), to show what the transport adds. ``cpu
-us/req`` is the client process's CPU time per request, steadier than req/s
-when the server shares the 2 cores. Figures, not asserts: this machine is
-noisy, so compare clients measured within one run.
+is printed with its p50/p99 latency. ``pyreqwest`` runs reqwest on
+pyreqwest's default single-threaded Tokio runtime (one I/O thread beside
+Python's), ``pyreqwest-mt`` on its multithreaded one (a worker per CPU);
+both are configured as the transport configures it. The last row,
+``accord``, is :class:`~accord.transport.http.HttpTransport` itself
+(its HTTP client plus signing, trace context and reply mapping), to show what the
+transport adds; ``--also-transport`` adds a row for another copy of its
+module (``git show REV:src/accord/transport/http.py > /tmp/http_old.py``)
+to compare versions within one run. ``cpu us/req`` is the client
+process's CPU time per request, all its threads included, steadier than
+req/s when the server shares the 2 cores. Figures, not asserts: this
+machine is noisy, so compare clients measured within one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import socket
 import statistics
@@ -30,10 +38,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import httpx
+import uvloop
+from pyreqwest.client import ClientBuilder
 
 from accord.core.machine import Outcome
 from accord.core.spec import Op
@@ -77,6 +89,7 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning",
 """
 
 Send = Callable[[], Awaitable[None]]
+Client = Callable[[str, float, int], Coroutine[Any, Any, dict[str, float]]]
 
 
 def free_port() -> int:
@@ -157,27 +170,92 @@ async def run_httpx(url: str, seconds: float, in_flight: int) -> dict[str, float
         return await drive(send, seconds, in_flight)
 
 
-async def run_transport(url: str, seconds: float, in_flight: int) -> dict[str, float]:
-    """accord's HttpTransport over aiohttp: adds signing, tracing and reply mapping."""
-    participant = url.removesuffix("/try")
-    transport = HttpTransport({}, default_key=("bench", b"bench-secret"), max_connections=in_flight)
-    call = Call("bench-0001", "payment", Op.TRY, participant, {"account": "c-17"}, 1, 30.0)
+async def _run_pyreqwest(
+    url: str, seconds: float, in_flight: int, *, multithreaded: bool
+) -> dict[str, float]:
+    client = (
+        ClientBuilder()
+        .runtime_multithreaded(multithreaded)
+        .max_connections(in_flight)
+        .follow_redirects(False)
+        .error_for_status(False)
+        .no_proxy()
+        .gzip(False)
+        .brotli(False)
+        .zstd(False)
+        .deflate(False)
+        .build()
+    )
+    timeout = timedelta(seconds=30)
 
     async def send() -> None:
-        reply = await transport.call(call)
-        if reply.outcome is not Outcome.OK:
-            raise RuntimeError(f"{reply.outcome}: {reply.error}")
+        request = client.post(url).headers(HEADERS).body_bytes(BODY).timeout(timeout)
+        async with request.build_streamed() as resp:
+            await resp.bytes()
+            if resp.status != 200:
+                raise RuntimeError(f"status {resp.status}")
 
     try:
         return await drive(send, seconds, in_flight)
     finally:
-        await transport.close()
+        await client.close()
 
 
-CLIENTS: dict[str, Callable[[str, float, int], Coroutine[Any, Any, dict[str, float]]]] = {
+async def run_pyreqwest(url: str, seconds: float, in_flight: int) -> dict[str, float]:
+    return await _run_pyreqwest(url, seconds, in_flight, multithreaded=False)
+
+
+async def run_pyreqwest_mt(url: str, seconds: float, in_flight: int) -> dict[str, float]:
+    return await _run_pyreqwest(url, seconds, in_flight, multithreaded=True)
+
+
+def transport_runner(transport_type: Callable[..., HttpTransport]) -> Client:
+    """A client row for an HttpTransport class: adds signing, tracing and reply mapping."""
+
+    async def run(url: str, seconds: float, in_flight: int) -> dict[str, float]:
+        participant = url.removesuffix("/try")
+        transport = transport_type(
+            {}, default_key=("bench", b"bench-secret"), max_connections=in_flight
+        )
+        call = Call("bench-0001", "payment", Op.TRY, participant, {"account": "c-17"}, 1, 30.0)
+
+        async def send() -> None:
+            reply = await transport.call(call)
+            if reply.outcome is not Outcome.OK:
+                raise RuntimeError(f"{reply.outcome}: {reply.error}")
+
+        try:
+            return await drive(send, seconds, in_flight)
+        finally:
+            await transport.close()
+
+    return run
+
+
+def load_transport(path: str) -> Callable[..., HttpTransport]:
+    """``HttpTransport`` from another copy of ``transport/http.py`` (an older
+    commit's, say), to measure it beside this one."""
+    spec = importlib.util.spec_from_file_location(f"bench_transport_{Path(path).stem}", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    transport_type: Callable[..., HttpTransport] = module.HttpTransport
+    return transport_type
+
+
+CLIENTS: dict[str, Client] = {
     "aiohttp": run_aiohttp,
     "httpx": run_httpx,
-    "accord": run_transport,
+    "pyreqwest": run_pyreqwest,
+    "pyreqwest-mt": run_pyreqwest_mt,
+    "accord": transport_runner(HttpTransport),
+}
+
+
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "uvloop": uvloop.new_event_loop,
+    "asyncio": asyncio.new_event_loop,
 }
 
 
@@ -187,21 +265,38 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--server", choices=("aiohttp", "uvicorn"), default="aiohttp")
+    parser.add_argument(
+        "--loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="the clients' event loop (the accord CLI runs on uvloop)",
+    )
+    parser.add_argument(
+        "--also-transport",
+        metavar="PATH",
+        action="append",
+        default=[],
+        help="another copy of transport/http.py to measure as a row 'accord@<file stem>'",
+    )
     args = parser.parse_args()
+    clients = dict(CLIENTS)
+    for path in args.also_transport:
+        clients[f"accord@{Path(path).stem}"] = transport_runner(load_transport(path))
     port = free_port()
     server = start_server(args.server, port)
     url = f"http://127.0.0.1:{port}/bench/try"
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in CLIENTS}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in clients}
     try:
         for i in range(args.repeat):
             # Alternate which client goes first so that neither always gets
             # the warmer (or the more throttled) half of a round.
-            order = list(CLIENTS) if i % 2 == 0 else list(reversed(CLIENTS))
+            order = list(clients) if i % 2 == 0 else list(reversed(clients))
             for name in order:
-                figures = asyncio.run(CLIENTS[name](url, args.seconds, args.in_flight))
+                with asyncio.Runner(loop_factory=LOOPS[args.loop]) as runner:
+                    figures = runner.run(clients[name](url, args.seconds, args.in_flight))
                 runs[name].append(figures)
                 print(
-                    f"  run {i + 1} {name:8s} {figures['rps']:8.0f} req/s"
+                    f"  run {i + 1} {name:20s} {figures['rps']:8.0f} req/s"
                     f"  p50 {figures['p50_ms']:6.2f} ms  p99 {figures['p99_ms']:6.2f} ms"
                     f"  cpu {figures['cpu_us']:5.0f} us/req",
                     flush=True,
@@ -210,14 +305,15 @@ def main() -> None:
         server.terminate()
         server.wait(10)
     print(
-        f"\n{args.seconds:g} s of POSTs, {args.in_flight} in flight, {args.server} server "
+        f"\n{args.seconds:g} s of POSTs, {args.in_flight} in flight, {args.loop} clients,"
+        f" {args.server} server "
         f"on 127.0.0.1, {os.cpu_count()} CPUs, median of {args.repeat} runs:\n"
     )
-    print(f"  {'client':8s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'cpu us/req':>10s}")
+    print(f"  {'client':20s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'cpu us/req':>10s}")
     for name, results in runs.items():
         median = sorted(results, key=lambda r: r["rps"])[len(results) // 2]
         print(
-            f"  {name:8s} {statistics.median(r['rps'] for r in results):8.0f}"
+            f"  {name:20s} {statistics.median(r['rps'] for r in results):8.0f}"
             f" {median['p50_ms']:8.2f} {median['p99_ms']:8.2f}"
             f" {statistics.median(r['cpu_us'] for r in results):10.0f}"
         )
