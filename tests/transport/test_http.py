@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import email.utils
 import gc
+import gzip
 import os
 import re
 import signal
@@ -25,6 +26,7 @@ import pytest
 from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
+from pyreqwest.exceptions import ClientClosedError
 
 from accord import (
     BranchSpec,
@@ -414,6 +416,80 @@ async def test_oversized_reply_body_is_rejected(serve: Serve, transport: HttpTra
     assert await transport.call(make_call(f"{base}/small")) == Reply(Outcome.OK, "small")
 
 
+# ---------------------------------------------------------------- nothing behind the call's back
+
+
+async def test_proxy_settings_in_the_environment_are_ignored(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP(S)_PROXY and ALL_PROXY in the environment do not reroute calls: the
+    participant is called directly and the proxy sees nothing."""
+    proxied = 0
+
+    async def proxy(request: web.Request) -> web.Response:
+        nonlocal proxied
+        proxied += 1
+        return json_response(200, {"result": "via proxy"})
+
+    async def participant(request: web.Request) -> web.Response:
+        return json_response(200, {"result": "direct"})
+
+    proxy_url = await serve(proxy)
+    base = await serve(participant)
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "all_proxy"):
+        monkeypatch.setenv(name, proxy_url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    transport = HttpTransport({}, default_key=KEY)
+    try:
+        assert await transport.call(make_call(f"{base}/p")) == Reply(Outcome.OK, "direct")
+    finally:
+        await transport.close()
+    assert proxied == 0
+
+
+async def test_cookies_are_not_carried_between_calls(
+    serve: Serve, transport: HttpTransport
+) -> None:
+    """A participant's Set-Cookie is not sent back on later calls, to it or to others."""
+    cookies: list[str | None] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        cookies.append(request.headers.get("Cookie"))
+        response = json_response(200, {"result": "ok"})
+        response.set_cookie("session", "s3cr3t", path="/")
+        return response
+
+    base = await serve(handler)
+    for op in (Op.TRY, Op.CONFIRM, Op.TRY):
+        assert (await transport.call(make_call(f"{base}/p", op))).outcome is Outcome.OK
+    assert cookies == [None, None, None]
+
+
+async def test_compression_is_neither_offered_nor_undone(
+    serve: Serve, transport: HttpTransport
+) -> None:
+    """No Accept-Encoding is sent, and a reply compressed anyway is read as it came
+    (bounded by its size on the wire, never inflated): a 2xx that is not JSON."""
+    encodings: list[str | None] = []
+    inflated = msgspec.json.encode({"result": "x" * (2 * wire.MAX_BODY_BYTES)})
+    compressed = gzip.compress(inflated)
+
+    async def handler(request: web.Request) -> web.Response:
+        encodings.append(request.headers.get("Accept-Encoding"))
+        return web.Response(
+            body=compressed,
+            headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        )
+
+    base = await serve(handler)
+    reply = await transport.call(make_call(f"{base}/p"))
+    assert reply == Reply(
+        Outcome.TRANSIENT, error=f"unreadable JSON in a 2xx reply ({len(compressed)} bytes)"
+    )
+    assert encodings == [None]
+
+
 # ---------------------------------------------------------------- refused before sending
 
 
@@ -437,7 +513,19 @@ async def test_unusable_participant_urls_are_rejected_unsent(
     reply = await transport.call(make_call(participant))
     assert reply.outcome is Outcome.REJECTED
     assert participant[:20] in reply.error
-    assert transport._session is None  # nothing was sent: no session was even opened
+    assert transport._client is None  # nothing was sent: no client was even made
+
+
+@pytest.mark.parametrize("timeout_s", [0.0, -1.0, float("nan"), float("inf")])
+async def test_a_call_without_a_usable_timeout_is_rejected_unsent(
+    transport: HttpTransport, timeout_s: float
+) -> None:
+    """A hand-built Call whose timeout is not a finite number above 0 (specs never
+    give one) is REJECTED naming call.timeout_s, and nothing is sent."""
+    reply = await transport.call(make_call("http://127.0.0.1:1/p", timeout_s=timeout_s))
+    assert reply.outcome is Outcome.REJECTED
+    assert "call.timeout_s must be a finite number above 0" in reply.error
+    assert transport._client is None
 
 
 def test_bad_constructor_arguments_name_the_problem() -> None:
@@ -745,7 +833,7 @@ async def test_200_concurrent_calls_share_a_bounded_pool(serve: Serve) -> None:
     assert 1 < peak <= 50
 
 
-async def test_close_then_call_opens_a_new_session(serve: Serve, transport: HttpTransport) -> None:
+async def test_close_then_call_opens_a_new_client(serve: Serve, transport: HttpTransport) -> None:
     """close() releases the pool; a later call in a running loop opens a fresh one."""
 
     async def handler(request: web.Request) -> web.Response:
@@ -753,11 +841,13 @@ async def test_close_then_call_opens_a_new_session(serve: Serve, transport: Http
 
     base = await serve(handler)
     assert (await transport.call(make_call(base))).outcome is Outcome.OK
-    first = transport._session
+    first = transport._client
     await transport.close()
-    assert first is not None and first.closed
+    assert first is not None
+    with pytest.raises(ClientClosedError):  # closed: it sends nothing more
+        await first.post(f"{base}/p").build().send()
     assert (await transport.call(make_call(base))).outcome is Outcome.OK
-    assert transport._session is not first
+    assert transport._client is not None and transport._client is not first
 
 
 # ---------------------------------------------------------------- never raises

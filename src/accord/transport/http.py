@@ -1,8 +1,9 @@
 """Participants over HTTP: one signed ``POST {participant}/{op}`` per call.
 
 The wire format (body, signature headers, reply codes) is :mod:`accord.wire`;
-this module only moves it over aiohttp and turns every answer, and every way
-of not getting one, into a :class:`~accord.transport.base.Reply`:
+this module only moves it over pyreqwest (Python bindings of Rust's reqwest)
+and turns every answer, and every way of not getting one, into a
+:class:`~accord.transport.base.Reply`:
 
 =========================================  ===========================================
 2xx                                        ``OK``, ``result`` = the body's ``"result"``
@@ -17,36 +18,53 @@ a reply body over ``wire.MAX_BODY_BYTES``  ``REJECTED`` (not read)
 not http(s), no signing key, query string  ``REJECTED`` (nothing is sent)
 =========================================  ===========================================
 
-aiohttp's exceptions are translated here and nowhere else; :meth:`call`
-never raises for what a participant or the network did.
+The client acts on nothing behind the call's back: no redirect is followed,
+no cookie kept, no proxy taken from the environment (reqwest's default),
+no compression offered or undone. ``call.timeout_s`` bounds the whole call,
+waiting for a pooled connection included. An error reply without a body
+is described by its status's standard reason phrase (reqwest does not
+expose the one the server sent). pyreqwest's exceptions are translated here
+and nowhere else; :meth:`call` never raises for what a participant or the
+network did.
 
-Why aiohttp, not httpx: measured with ``bench/http_client.py`` on this
-2-core machine (an aiohttp.web server in a subprocess on 127.0.0.1, small
-JSON POSTs, one pooled keep-alive session per client, 100 in flight, 3 s per
-run, median of 3 interleaved runs; other jobs were sharing the machine)::
+Why pyreqwest, not aiohttp (or httpx): the HTTP client's CPU is the
+coordinator's main cost over HTTP. Measured with ``bench/http_client.py``
+on this 2-core machine (an aiohttp.web server in a subprocess on 127.0.0.1,
+small JSON POSTs, one pooled keep-alive client each, 100 in flight, uvloop,
+3 s per run, median of 5 interleaved runs; other jobs were sharing the
+machine), with the aiohttp transport of the previous commit beside this one::
 
-    .venv/bin/python bench/http_client.py
+    git show 4ee5fc9:src/accord/transport/http.py > /tmp/http_aiohttp.py
+    .venv/bin/python bench/http_client.py --repeat 5 --also-transport /tmp/http_aiohttp.py
 
-    client      req/s   p50 ms   p99 ms cpu us/req
-    aiohttp      3833    26.75    51.05        237
-    httpx         163   438.59  2067.69       5808
-    accord       2666    36.54    63.51        298
+    client                  req/s   p50 ms   p99 ms cpu us/req
+    aiohttp                  4426    21.08    37.50        137
+    httpx                     285   239.83  1613.21       3096
+    pyreqwest                7383    12.71    24.81         63
+    pyreqwest-mt             7358    13.35    27.42         67
+    accord                   6208    15.78    32.51         90
+    accord@http_aiohttp      3577    28.51    41.06        185
 
-(``accord`` is this transport: aiohttp plus signing, trace context and
-reply mapping. Across runs it measured 2,000-4,400 req/s, within the noise
-of raw aiohttp at 1,700-5,200, and 240-330 us of client CPU per call
-against aiohttp's 200-270.) httpx is slower by more than an order of
-magnitude at this concurrency (its connection pool is the known bottleneck,
-encode/httpx#3215) and still ~5x slower with 1 or 10 in flight (aiohttp
-2,575 vs httpx 471 req/s one at a time; 2,485 vs 356 at 10). So aiohttp.
-At ~250 us of CPU per call, aiohttp itself caps one core near 4,000 calls/s
-on this machine: the HTTP client, not the coordinator, is the limit there.
+(``accord`` is this transport: pyreqwest plus signing, trace context and
+reply mapping; ``accord@http_aiohttp`` the same on aiohttp.) pyreqwest
+needs about half aiohttp's client CPU per request, and the transport keeps
+most of that: 90 against 185 us per call here; with ``--server uvicorn``
+130 against 150 (raw pyreqwest 67, aiohttp 112). End to end,
+``accord demo --http --fault-rate 0 --latency-ms 0 --orders 5000`` spent
+~1,100 us of coordinator CPU per transaction against ~1,600 on aiohttp
+(median of 5 interleaved runs each). pyreqwest's multithreaded runtime was
+no faster and cost more CPU per transaction in the demo (~1,230 us), where
+the services compete for the same 2 cores, so the default single-threaded
+one (one I/O thread beside Python's) is used. httpx stays more than an
+order of magnitude slower at this concurrency (its connection pool is the
+known bottleneck, encode/httpx#3215).
 """
 
 from __future__ import annotations
 
-import asyncio
+import datetime
 import email.utils
+import http
 import logging
 import math
 import random
@@ -54,8 +72,18 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import aiohttp
 import msgspec
+from pyreqwest.client import Client, ClientBuilder
+from pyreqwest.exceptions import (
+    BodyDecodeError,
+    ClientClosedError,
+    DecodeError,
+    NetworkError,
+    ReadError,
+    RequestError,
+)
+from pyreqwest.http import Url
+from pyreqwest.response import Response
 from yarl import URL
 
 from accord import wire
@@ -75,7 +103,7 @@ MAX_CACHED_TARGETS = 4096
 
 Key = tuple[str, bytes]
 # (url to POST to, its path as signed, key id, secret)
-_Target = tuple[URL, str, str, bytes]
+_Target = tuple[Url, str, str, bytes]
 # The trace context to send with a call (e.g. its span's), or None for a fresh one.
 TraceparentFor = Callable[[Call], "str | None"]
 
@@ -106,8 +134,11 @@ class HttpTransport(Transport):
     :class:`accord.observability.TracingObserver`); when it is not given or
     returns ``None`` (or fails), a fresh random one is sent.
 
-    One aiohttp session (created lazily in the running loop) pools up to
-    ``max_connections`` keep-alive connections; :meth:`close` closes it.
+    One pyreqwest client (made at the first call) pools keep-alive
+    connections and lets at most ``max_connections`` requests be in flight
+    at once; :meth:`close` closes it. The client belongs to no event loop
+    (its I/O runs on its own thread), so the transport may be used from one
+    loop after another.
     """
 
     def __init__(
@@ -139,9 +170,8 @@ class HttpTransport(Transport):
         self._default_key = default_key
         self._max_connections = max_connections
         self._targets: dict[tuple[str, str], _Target | Reply] = {}
-        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
-        self._session: aiohttp.ClientSession | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timeouts: dict[float, datetime.timedelta] = {}
+        self._client: Client | None = None
         self._traceparent_for = traceparent
 
     async def call(self, call: Call) -> Reply:
@@ -166,65 +196,85 @@ class HttpTransport(Transport):
         timeout_s = call.timeout_s
         timeout = self._timeouts.get(timeout_s)
         if timeout is None:
-            if len(self._timeouts) >= MAX_CACHED_TARGETS:
-                self._timeouts.clear()
-            timeout = self._timeouts[timeout_s] = aiohttp.ClientTimeout(total=timeout_s)
-        session = self._session
-        if session is None or session.closed or self._loop is not asyncio.get_running_loop():
-            session = self._open()
+            timeout = self._timeout(timeout_s)
+            if timeout is None:
+                return Reply(
+                    Outcome.REJECTED,
+                    error=f"call.timeout_s must be a finite number above 0, got {timeout_s!r}",
+                )
+        client = self._client or self._open()
         try:
-            async with session.post(
-                url, data=body, headers=headers, timeout=timeout, allow_redirects=False
-            ) as resp:
+            # Streamed, so that an oversized body is refused before it is all read;
+            # the timeout is reqwest's and covers the whole call, pool wait to last byte.
+            request = (
+                client.post(url).headers(headers).body_bytes(body).timeout(timeout).build_streamed()
+            )
+            async with request as resp:
                 status = resp.status
                 if 200 <= status < 300:
                     return _success(await _read(resp))
                 return _failure(status, resp, await _read(resp))
-        except TimeoutError:
+        except TimeoutError:  # reqwest's RequestTimeoutError, pool wait included
             return Reply(Outcome.TRANSIENT, error=f"timed out after {timeout_s:g}s")
         except _ReplyTooLarge as exc:
             return Reply(Outcome.REJECTED, error=str(exc))
-        except aiohttp.ClientError as exc:
-            return Reply(Outcome.TRANSIENT, error=_network_error(exc))
-        except OSError as exc:
-            return Reply(Outcome.TRANSIENT, error=_clip(f"network error: {exc}"))
+        except ClientClosedError:
+            # close() ran while this call was in flight; a retry opens a new client.
+            return Reply(Outcome.TRANSIENT, error="transport closed during the call")
+        except RequestError as exc:
+            return Reply(Outcome.TRANSIENT, error=_network_error(exc, url))
         except Exception as exc:
-            # Not a failure aiohttp documents: most likely a bug here or in
-            # aiohttp. Retrying is safe (calls are idempotent), so treat it
+            # Not a failure pyreqwest documents: most likely a bug here or in
+            # pyreqwest. Retrying is safe (calls are idempotent), so treat it
             # like a network fault, but leave a trace for whoever debugs it.
             log.warning("unexpected error calling %s", url, exc_info=True)
             return Reply(Outcome.TRANSIENT, error=_clip(f"transport error: {exc!r}"))
 
     async def close(self) -> None:
-        session, self._session = self._session, None
-        if session is None or session.closed:
-            return
-        if self._loop is asyncio.get_running_loop():
-            await session.close()
-        # else: its loop is gone; the session cannot be closed from here.
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
 
     # ------------------------------------------------------------ slow path
 
-    def _open(self) -> aiohttp.ClientSession:
-        """The pooled session, made inside the running loop (aiohttp binds it).
-
-        A session left over from another loop (a transport reused across
-        ``asyncio.run`` calls without :meth:`close`) would fail every call;
-        it cannot be closed from this loop, so it is dropped (aiohttp warns
-        about its unclosed sockets) and a new one is made."""
-        stale = self._session
-        if stale is not None and not stale.closed:
-            log.warning("HTTP transport used from a new event loop without close()")
-        self._loop = asyncio.get_running_loop()
-        connector = aiohttp.TCPConnector(limit=self._max_connections)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            # Participants' cookies must not leak from one call (or participant)
-            # to the next, and a jar costs time on every call.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            raise_for_status=False,
+    def _open(self) -> Client:
+        """The pooled client, configured so that nothing but the call decides
+        what is sent or how a reply is read."""
+        self._client = (
+            ClientBuilder()
+            .max_connections(self._max_connections)
+            # Idle connections kept per participant: no more than may be busy.
+            .pool_max_idle_per_host(self._max_connections)
+            # Participants' redirects, error statuses and cookies are answers to map,
+            # not to act on, and must not leak from one call (or participant) to the next.
+            .follow_redirects(False)
+            .error_for_status(False)
+            .default_cookie_store(False)
+            .referer(False)
+            # reqwest takes HTTP(S)_PROXY from the environment by default: calls to
+            # participants go straight to them.
+            .no_proxy()
+            # Nothing is decompressed (nor is compression offered): a reply is
+            # read and bounded as it came off the wire.
+            .gzip(False)
+            .brotli(False)
+            .zstd(False)
+            .deflate(False)
+            .build()
         )
-        return self._session
+        return self._client
+
+    def _timeout(self, timeout_s: float) -> datetime.timedelta | None:
+        try:
+            timeout = datetime.timedelta(seconds=timeout_s)
+        except (TypeError, ValueError, OverflowError):
+            return None
+        if timeout <= datetime.timedelta(0):
+            return None
+        if len(self._timeouts) >= MAX_CACHED_TARGETS:
+            self._timeouts.clear()
+        self._timeouts[timeout_s] = timeout
+        return timeout
 
     def _prepare(self, participant: str, op: str) -> _Target | Reply:
         """Validate ``participant``, pick its key and build the URL, once."""
@@ -255,8 +305,13 @@ class HttpTransport(Transport):
         key = self._key_for(url) or self._default_key
         if key is None:
             return Reply(Outcome.REJECTED, error=f"no signing key for participant {shown!r}")
-        # Signed as it goes on the request line: the percent-encoded path.
-        return url, url.raw_path, key[0], key[1]
+        try:
+            sent = Url(str(url))
+        except (TypeError, ValueError) as exc:
+            return Reply(Outcome.REJECTED, error=_clip(f"invalid participant URL {shown!r}: {exc}"))
+        # Signed as it goes on the request line: the percent-encoded path, as
+        # the client that sends it encoded it.
+        return sent, sent.path, key[0], key[1]
 
     def _key_for(self, url: URL) -> Key | None:
         origin = (url.scheme, (url.host or "").lower(), url.port or 0)
@@ -293,20 +348,31 @@ def _check_key(where: str, key: Any) -> None:
         raise ValueError(f"{where} must be (key_id: non-empty str, secret: non-empty bytes)")
 
 
-async def _read(resp: aiohttp.ClientResponse) -> bytes:
+def _header(resp: Response, name: str) -> str | None:
+    """A reply header as text; one that is not (obs-text bytes) counts as absent."""
+    try:
+        return resp.get_header(name)
+    except ValueError:
+        return None
+
+
+async def _read(resp: Response) -> bytes:
     """The reply body, refusing one over ``wire.MAX_BODY_BYTES``."""
-    length = resp.content_length
+    length = _header(resp, "content-length")
     if length is not None:
-        if length > wire.MAX_BODY_BYTES:
-            raise _ReplyTooLarge(_too_large(resp.status, length))
-        return await resp.read()
+        # HTTP/1.1 framing already checked it is a number (hyper refuses others).
+        size = int(length)
+        if size > wire.MAX_BODY_BYTES:
+            raise _ReplyTooLarge(_too_large(resp.status, size))
+        return (await resp.bytes()).to_bytes()
     chunks: list[bytes] = []
     size = 0
-    while chunk := await resp.content.readany():
+    reader = resp.body_reader
+    while (chunk := await reader.read_chunk()) is not None:
         size += len(chunk)
         if size > wire.MAX_BODY_BYTES:
             raise _ReplyTooLarge(_too_large(resp.status, size))
-        chunks.append(chunk)
+        chunks.append(chunk.to_bytes())
     return b"".join(chunks)
 
 
@@ -334,28 +400,29 @@ def _success(raw: bytes) -> Reply:
 _RETRYABLE_4XX = frozenset({408, 425, 429})
 
 
-def _failure(status: int, resp: aiohttp.ClientResponse, raw: bytes) -> Reply:
+def _failure(status: int, resp: Response, raw: bytes) -> Reply:
     if status == 409:
-        return Reply(Outcome.REFUSED, error=_error_text(raw, resp.reason))
+        return Reply(Outcome.REFUSED, error=_error_text(raw, status))
     # 408 (the server gave up waiting for the request) and 425 (too early to
     # process it) say "send it again later", like 429 and 5xx.
     if status in _RETRYABLE_4XX or 500 <= status < 600:
         return Reply(
             Outcome.TRANSIENT,
-            error=f"HTTP {status}: {_error_text(raw, resp.reason)}",
-            retry_after_s=_retry_after_s(resp.headers.get("Retry-After")),
+            error=f"HTTP {status}: {_error_text(raw, status)}",
+            retry_after_s=_retry_after_s(_header(resp, "Retry-After")),
         )
     if 300 <= status < 400:
-        location = _clip(resp.headers.get("Location", ""), 200)
+        location = _clip(_header(resp, "Location") or "", 200)
         return Reply(
             Outcome.REJECTED,
             error=f"HTTP {status}: redirects are not followed (Location: {location!r})",
         )
-    return Reply(Outcome.REJECTED, error=f"HTTP {status}: {_error_text(raw, resp.reason)}")
+    return Reply(Outcome.REJECTED, error=f"HTTP {status}: {_error_text(raw, status)}")
 
 
-def _error_text(raw: bytes, reason: str | None) -> str:
-    """The body's ``"error"``, else its text, else the reason phrase."""
+def _error_text(raw: bytes, status: int) -> str:
+    """The body's ``"error"``, else its text, else the status's standard reason
+    phrase (the client does not expose the one the server sent)."""
     if raw:
         try:
             body = _decode(raw)
@@ -368,7 +435,10 @@ def _error_text(raw: bytes, reason: str | None) -> str:
         text = raw[: MAX_ERROR_CHARS * 4].decode("utf-8", "replace").strip()
         if text:
             return _clip(text)
-    return reason or "no reason given"
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "no reason given"
 
 
 def _retry_after_s(value: str | None) -> float | None:
@@ -390,24 +460,30 @@ def _retry_after_s(value: str | None) -> float | None:
     return min(max(delay_s, 0.0), MAX_RETRY_AFTER_S)
 
 
-def _network_error(exc: aiohttp.ClientError) -> str:
-    """A short, stable description of a failure to get a reply."""
-    if isinstance(exc, aiohttp.ClientConnectorDNSError):
-        return _clip(f"cannot resolve host {exc.host!r}")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        reason = exc.os_error.strerror or type(exc.os_error).__name__
-        if isinstance(exc.os_error, ConnectionRefusedError):
-            reason = "connection refused"
-        return _clip(f"cannot connect to {exc.host}:{exc.port}: {reason}")
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
+def _network_error(exc: RequestError, url: Url) -> str:
+    """A short, stable description of a failure to get a reply.
+
+    pyreqwest's classes are coarse (a connection closed before the status
+    line is a ``ConnectError``, say), so the chain of causes it reports
+    (reqwest's, hyper's, the OS's) tells the cases apart; the outcome never
+    depends on it, only the text."""
+    causes = [str(cause.get("message", "")) for cause in (exc.details.get("causes") or ())]
+    said = "\n".join(causes).lower()
+    last = causes[-1] if causes else exc.message
+    if "dns error" in said:
+        return _clip(f"cannot resolve host {url.host_str!r}: {last}")
+    if "client error (connect)" in said:
+        reason = "connection refused" if "connection refused" in said else last
+        return _clip(f"cannot connect to {url.host_str}:{url.port_or_known_default}: {reason}")
+    if isinstance(exc, ReadError | BodyDecodeError):
+        return _clip(f"connection lost mid-reply: body incomplete ({last})")
+    if isinstance(exc, DecodeError):
+        return _clip(f"invalid HTTP reply: {last}")
+    if "connection closed before message completed" in said:
         return "server disconnected before replying"
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return "connection lost mid-reply: body incomplete"
-    if isinstance(exc, aiohttp.ClientOSError):
-        return _clip(f"connection error: {exc.strerror or exc}")
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return _clip(f"invalid HTTP reply: {exc.message}")
-    return _clip(f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, NetworkError):
+        return _clip(f"connection error: {last}")
+    return _clip(f"{type(exc).__name__}: {exc.message}: {last}")
 
 
 def _clip(text: str, limit: int = MAX_ERROR_CHARS) -> str:
