@@ -791,3 +791,89 @@ async def test_a_caller_that_stops_waiting_does_not_hide_the_outcome() -> None:
         assert await status_in_log(coord.store, "t1") == (TxnStatus.COMMITTED, Decision.COMMIT)
     finally:
         await coord.close()
+
+
+# ------------------------------------------------------------------ the call watchdog
+
+
+def hanging(ops: set[Op], times: int) -> tuple[Callable[[Call], Any], list[Call]]:
+    """A participant whose first ``times`` calls of ``ops`` never answer."""
+    hung: list[Call] = []
+
+    def answer(call: Call) -> Any:
+        if call.op in ops and len(hung) < times:
+            hung.append(call)
+            return asyncio.get_running_loop().create_future()  # never resolved
+        return OK
+
+    return answer, hung
+
+
+def with_call_timeout(spec: TransactionSpec, timeout_s: float) -> TransactionSpec:
+    branches = tuple(
+        BranchSpec(b.name, b.participant, b.payload, b.retry, timeout_s) for b in spec.branches
+    )
+    return TransactionSpec(
+        protocol=spec.protocol, branches=branches, id=spec.id, timeout_s=spec.timeout_s
+    )
+
+
+async def test_a_call_the_transport_never_answers_is_timed_out_and_retried(
+    make_store: Callable[[], Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An in-process participant that never answers a try: the watchdog counts
+    it as a transient failure after the call's timeout, the retry commits."""
+    monkeypatch.setattr("accord.coordinator.CALL_GRACE_S", 0.01)
+    never, hung = hanging({Op.TRY}, times=1)
+    calls: list[tuple[str, str, int, str, str]] = []
+
+    class Calls(Observer):
+        def call_finished(self, txid, branch, op, attempt, outcome, latency_s, error):  # type: ignore[no-untyped-def]
+            calls.append((branch, op, attempt, outcome, error))
+
+    coord = Coordinator(
+        make_store(),
+        InProcessTransport({"p0": never, "p1": lambda c: OK}),
+        watch_interval_s=0.01,
+        observer=Calls(),
+    )
+    await coord.start()
+    try:
+        spec = with_call_timeout(tcc("t1", "p0", "p1", timeout_s=30), 0.05)
+        result = await asyncio.wait_for(coord.run(spec), 10)
+        assert result.status is TxnStatus.COMMITTED
+        assert [c.attempt for c in hung] == [1]
+        timed_out = [c for c in calls if c[3] == "transient"]
+        assert timed_out == [
+            ("b0", "try", 1, "transient", "no answer from the transport 0.06s after the call")
+        ]
+        assert ("b0", "try", 2, "ok", "") in calls
+    finally:
+        await coord.close()
+
+
+async def test_a_confirm_that_never_answers_parks_the_transaction(
+    make_store: Callable[[], Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the decision nothing else bounds a hung call: the watchdog does,
+    and a confirm that never answers ends in needs_attention, not in flight forever."""
+    monkeypatch.setattr("accord.coordinator.CALL_GRACE_S", 0.01)
+    never, hung = hanging({Op.CONFIRM}, times=100)
+    coord = Coordinator(
+        make_store(), InProcessTransport({"p0": never, "p1": lambda c: OK}), watch_interval_s=0.01
+    )
+    await coord.start()
+    try:
+        spec = with_call_timeout(tcc("t1", "p0", "p1"), 0.05)
+        result = await asyncio.wait_for(coord.run(spec), 10)
+        assert result.status is TxnStatus.NEEDS_ATTENTION
+        assert "no answer from the transport" in result.reason
+        assert [c.attempt for c in hung] == [1, 2, 3]  # FAST: three attempts
+        assert coord.in_flight == 0
+    finally:
+        await coord.close()
+
+
+async def test_the_watchdog_interval_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="watch_interval_s must be positive"):
+        Coordinator(MemoryStore(), InProcessTransport({}), watch_interval_s=0)

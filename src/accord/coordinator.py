@@ -29,6 +29,7 @@ from accord.core.machine import (
     AbortRequested,
     Action,
     ArmDeadline,
+    BranchStatus,
     DeadlineExpired,
     Event,
     Finish,
@@ -67,6 +68,10 @@ log = logging.getLogger("accord.coordinator")
 _encode = msgspec.json.Encoder().encode
 
 DEFAULT_MAX_IN_FLIGHT = 1000
+# A call the transport has not answered this long after its own timeout is
+# taken as timed out (see Coordinator._watch); checked this often.
+CALL_GRACE_S = 1.0
+DEFAULT_WATCH_INTERVAL_S = 1.0
 
 
 def wall_clock_ms() -> int:
@@ -143,7 +148,8 @@ class _Run:
     """
 
     __slots__ = (
-        "busy", "events", "finished", "result", "started_s", "state", "summary", "timers",
+        "busy", "events", "finished", "result", "sent", "started_s", "state", "summary",
+        "timers",
     )  # fmt: skip
 
     def __init__(self, state: TxnState, result: asyncio.Future[TxnResult], started_s: float):
@@ -156,6 +162,9 @@ class _Run:
         self.finished = False
         # The branches as the terminal record logged them, reused for the result.
         self.summary: tuple[BranchSummary, ...] | None = None
+        # Per branch, its last call and when (loop time) it went to the
+        # transport: what the call watchdog checks.
+        self.sent: list[tuple[Send, float] | None] = [None] * len(state.branches)
 
 
 # What an operator's action found: a result future (running, or already
@@ -181,6 +190,13 @@ class Coordinator:
 
     ``max_in_flight`` bounds the transactions driven at once: ``submit`` waits
     for a slot (backpressure) rather than growing without bound.
+
+    Every ``watch_interval_s`` a watchdog looks for calls the transport has
+    left unanswered for longer than their ``timeout_s`` plus ``CALL_GRACE_S``
+    (a transport bug, or an in-process participant that never answers) and
+    counts each as a transient failure, so that it is retried (or, out of
+    attempts, parks the transaction) instead of holding its branch forever.
+    An answer that comes later is stale and ignored.
     """
 
     def __init__(
@@ -193,6 +209,7 @@ class Coordinator:
         rng: random.Random | None = None,
         observer: Observer | None = None,
         gate: Callable[[str], BaseException | None] | None = None,
+        watch_interval_s: float = DEFAULT_WATCH_INTERVAL_S,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
@@ -213,6 +230,10 @@ class Coordinator:
         self._open = False
         self._operator_lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
+        if not watch_interval_s > 0:
+            raise ValueError(f"watch_interval_s must be positive, got {watch_interval_s!r}")
+        self._watch_interval_s = watch_interval_s
+        self._watchdog: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -223,11 +244,16 @@ class Coordinator:
         self._loop = asyncio.get_running_loop()
         await self.store.open()
         self._open = True
+        if self._watchdog is None:
+            self._watchdog = self._loop.call_later(self._watch_interval_s, self._watch)
         return await self.resume() if recover else []
 
     async def close(self) -> None:
         """Stop driving: pending work stays in the log for the next start."""
         self._open = False
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         for run in list(self._runs.values()):
             self._finish(run, None)
         for task in list(self._tasks):
@@ -623,10 +649,10 @@ class Coordinator:
             send.attempt,
             branch.timeout_s,
         )
-        sent_s = 0.0
+        assert self._loop is not None
+        sent_s = self._loop.time()
+        run.sent[send.branch] = (send, sent_s)
         if self.observer is not None:
-            assert self._loop is not None
-            sent_s = self._loop.time()
             self._observe("call_started", spec.id, branch.name, send.op.value, send.attempt)
         try:
             started = self.transport.start(call)
@@ -689,6 +715,27 @@ class Coordinator:
                 reply.retry_after_s,
             ),
         )
+
+    def _watch(self) -> None:
+        """Time out the calls the transport has left unanswered too long."""
+        assert self._loop is not None
+        now_s = self._loop.time()
+        try:
+            for run in list(self._runs.values()):
+                branches = run.state.spec.branches
+                for i, b in enumerate(run.state.branches):
+                    sent = run.sent[i]
+                    if run.finished or b.status is not BranchStatus.IN_FLIGHT or sent is None:
+                        continue
+                    send, sent_s = sent
+                    limit_s = branches[i].timeout_s + CALL_GRACE_S
+                    if send.op is b.op and send.attempt == b.attempt and now_s - sent_s > limit_s:
+                        run.sent[i] = None
+                        error = f"no answer from the transport {limit_s:g}s after the call"
+                        self._replied(run, send, Reply(Outcome.TRANSIENT, error=error), sent_s)
+        finally:
+            if self._open:
+                self._watchdog = self._loop.call_later(self._watch_interval_s, self._watch)
 
     def _arm(self, run: _Run, at_ms: int, fire: Callable[[_Run, Any], None], arg: Any) -> None:
         assert self._loop is not None

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from accord.cluster import ClusterClient, ClusterNode
+from accord.core.records import Decision
 from accord.core.spec import Op, Protocol
 from accord.sim import invariants
 from accord.sim.faults import FaultConfig
@@ -114,9 +115,17 @@ class World:
 
     def watch_decisions(self, name: str) -> None:
         """Note every commit decision once the node's log acknowledged its batch
-        as committed, and every confirm the node sends before that."""
+        as committed, or once the node read it back from the log (a batch whose
+        COMMIT went through unacknowledged, then resumed from the log, by this
+        node or another), and every confirm the node sends before that."""
         store = self.nodes[name].store
         commit = store._commit_with_retries
+        load = store.load_active
+
+        async def loaded(*args: Any, **kwargs: Any) -> Any:
+            snaps = await load(*args, **kwargs)
+            self.durable.update(s.txid for s in snaps if s.decision is Decision.COMMIT)
+            return snaps
 
         async def acknowledged(batch: list[tuple[Any, ...]]) -> Any:
             result = await commit(batch)
@@ -131,6 +140,7 @@ class World:
                 self.early.append(call.txid)
 
         store._commit_with_retries = acknowledged  # type: ignore[method-assign]
+        store.load_active = loaded  # type: ignore[method-assign]
         self.transports[name].check = check
 
     def cut_decision_writes(self, name: str, times: int, when: str) -> list[int]:
