@@ -142,11 +142,17 @@ class _LostAfterCommit:
 
 
 class _Pool:
-    """The store's pool, with a first connection that misbehaves as told."""
+    """The store's pool, whose first connection is handed out wrapped by
+    ``first`` (a misbehaving proxy with the real connection as ``.conn``), if
+    given; with ``reset_fails`` the first release fails after the batch committed."""
 
-    def __init__(self, real: Any, how: str) -> None:
+    def __init__(
+        self, real: Any, first: Callable[[Any], Any] | None = None, *, reset_fails: bool = False
+    ) -> None:
         self.real = real
-        self.how = how
+        self.first = first
+        self.reset_fails = reset_fails
+        self.wrapped: Any = None
         self.acquired = 0
         self.released = 0
 
@@ -155,18 +161,22 @@ class _Pool:
 
     def acquire(self) -> Any:
         self.acquired += 1
-        if self.acquired > 1 or self.how != "terminate refused":
+        first = self.first
+        if self.acquired > 1 or first is None:
             return self.real.acquire()
 
-        async def first() -> Any:
-            return _LostAfterCommit(await self.real.acquire())
+        async def wrapped() -> Any:
+            self.wrapped = first(await self.real.acquire())
+            return self.wrapped
 
-        return first()
+        return wrapped()
 
     async def release(self, conn: Any) -> None:
         self.released += 1
-        await self.real.release(conn.conn if isinstance(conn, _LostAfterCommit) else conn)
-        if self.how == "reset fails" and self.released == 1:
+        await self.real.release(
+            conn.conn if self.wrapped is not None and conn is self.wrapped else conn
+        )
+        if self.reset_fails and self.released == 1:
             # The batch committed; resetting the connection for reuse failed.
             raise asyncpg.ConnectionDoesNotExistError(
                 "connection was closed in the middle of operation"
@@ -221,28 +231,8 @@ async def test_an_interrupted_commit_is_not_believed_from_a_reused_xid(
     await store.open()
     try:
         (committed_xid,) = pg("SELECT txid_current()")[0]  # someone else's, committed
-        real = store._pool
-        calls = 0
-
-        class Pool:
-            def __getattr__(self, name: str) -> Any:
-                return getattr(real, name)
-
-            def acquire(self) -> Any:
-                nonlocal calls
-                calls += 1
-                if calls > 1:
-                    return real.acquire()
-
-                async def first() -> Any:
-                    return _LostWithReusedXid(await real.acquire(), committed_xid)
-
-                return first()
-
-            async def release(self, conn: Any) -> None:
-                await real.release(conn.conn if isinstance(conn, _LostWithReusedXid) else conn)
-
-        monkeypatch.setattr(store, "_pool", Pool())
+        pool = _Pool(store._pool, lambda conn: _LostWithReusedXid(conn, committed_xid))
+        monkeypatch.setattr(store, "_pool", pool)
         spec = TransactionSpec(
             protocol=Protocol.TCC, branches=(BranchSpec("b0", "p0", {"n": 1}),), id="kept"
         )
@@ -267,7 +257,10 @@ async def test_a_committed_batch_is_never_written_twice(
     store = PostgresStore(PG_DSN, schema=schema, pool_size=2)
     await store.open()
     try:
-        pool = _Pool(store._pool, how)
+        if how == "terminate refused":
+            pool = _Pool(store._pool, _LostAfterCommit)
+        else:
+            pool = _Pool(store._pool, reset_fails=True)
         monkeypatch.setattr(store, "_pool", pool)
         spec = TransactionSpec(
             protocol=Protocol.TCC,
