@@ -167,16 +167,23 @@ def test_stats_count_what_happened(live_server: LiveServer) -> None:
     assert stats["by_status"]["committed"] == 1
 
 
-def test_readyz_is_503_until_recovery_is_done(tmp_path: Path) -> None:
-    """Unfinished work in the log: not ready while it is being recovered, then ready."""
+def _unfinished_log(tmp_path: Path, *txids: str) -> Path:
+    """A log left by a server stopped while these orders were in flight (their
+    order participant never answered)."""
     db = tmp_path / "log.db"
     participants = FakeParticipants()
     participants.mode["order"] = "hang"
     with start_live_server(
         store=SQLiteStore(db), participants=participants, drain_timeout_s=0
     ) as live:
-        _submit(live, order_body("rec-1"), query="")
-        _submit(live, order_body("rec-2"), query="")
+        for txid in txids:
+            _submit(live, order_body(txid), query="")
+    return db
+
+
+def test_readyz_is_503_until_recovery_is_done(tmp_path: Path) -> None:
+    """Unfinished work in the log: not ready while it is being recovered, then ready."""
+    db = _unfinished_log(tmp_path, "rec-1", "rec-2")
     # One slot, held by the first recovered transaction (its cancels hang): the
     # second waits for it, and recovery is not done.
     participants = FakeParticipants()
@@ -221,13 +228,7 @@ def test_a_failed_recovery_is_retried_until_it_succeeds(
     """The log unreadable at start, twice: recovery retries with backoff, then
     readyz turns 200 and the unfinished transaction is driven to its end."""
     monkeypatch.setattr(accord.server.app, "RECOVERY_INITIAL_DELAY_S", 0.2, raising=False)
-    db = tmp_path / "log.db"
-    participants = FakeParticipants()
-    participants.mode["order"] = "hang"
-    with start_live_server(
-        store=SQLiteStore(db), participants=participants, drain_timeout_s=0
-    ) as live:
-        _submit(live, order_body("flaky-1"), query="")
+    db = _unfinished_log(tmp_path, "flaky-1")
     store = _FlakyStartStore(db, failures=2)
     with start_live_server(store=store) as live:
         wait_until(lambda: store.scans >= 1, what="the first recovery scan")
