@@ -39,6 +39,16 @@ async def _pg(sql: str) -> None:
         await conn.close()
 
 
+async def _require_pg() -> None:
+    """Skip without PostgreSQL, except under CI, where its absence fails."""
+    try:
+        await _pg("SELECT 1")
+    except (OSError, asyncpg.PostgresError) as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL unreachable: {exc!r}")
+        pytest.skip(f"PostgreSQL unreachable: {exc!r}")
+
+
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
 async def stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Factory]:
     """A factory of stores over one log (the memory one is the same object)."""
@@ -48,12 +58,7 @@ async def stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     elif request.param == "sqlite":
         yield lambda: SQLiteStore(tmp_path / "log.db")
     else:
-        try:
-            await _pg("SELECT 1")
-        except (OSError, asyncpg.PostgresError) as exc:
-            if os.environ.get("CI"):
-                pytest.fail(f"PostgreSQL unreachable: {exc!r}")
-            pytest.skip(f"PostgreSQL unreachable: {exc!r}")
+        await _require_pg()
         schema = f"t_{uuid.uuid4().hex[:16]}"
         yield lambda: PostgresStore(PG_DSN, schema=schema, pool_size=2)
         await _pg(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
@@ -212,12 +217,7 @@ async def test_abort_any_aborts_a_running_transaction_but_not_a_decided_one(
 async def test_serve_refuses_a_clusters_log() -> None:
     """A log that belongs to a cluster (its nodes write it, fenced by leases) is
     refused at start: the server would otherwise look ready and accept nothing."""
-    try:
-        await _pg("SELECT 1")
-    except (OSError, asyncpg.PostgresError) as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL unreachable: {exc!r}")
-        pytest.skip(f"PostgreSQL unreachable: {exc!r}")
+    await _require_pg()
     schema = f"t_{uuid.uuid4().hex[:16]}"
     lone = PostgresStore(PG_DSN, schema=schema, pool_size=1)
     await lone.open()
