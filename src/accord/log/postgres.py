@@ -583,10 +583,7 @@ class PostgresStore(Store):
                 closed = [t for t in closed if t not in both]
         xid = await conn.fetchval(
             self._write_all,
-            [r[0] for r in rows],
-            [r[1] for r in rows],
-            [r[2] for r in rows],
-            [r[3] for r in rows],
+            *_columns(rows, 4),
             begins,
             closed,
         )
@@ -655,10 +652,7 @@ class PostgresStore(Store):
             return
         await conn.execute(
             self._insert_log,
-            [r[0] for r in rows],
-            [r[1] for r in rows],
-            [r[2] for r in rows],
-            [r[3] for r in rows],
+            *_columns(rows, 4),
         )
         begins = [r[0] for r in rows if r[1] == "begin"]
         if begins:
@@ -668,12 +662,7 @@ class PostgresStore(Store):
         assert self._fence is not None
         await conn.execute(
             self._insert_log_fenced,
-            [r[0] for r in rows],
-            [r[1] for r in rows],
-            [r[2] for r in rows],
-            [r[3] for r in rows],
-            [r[4] for r in rows],
-            [r[5] for r in rows],
+            *_columns(rows, 6),
             self._fence.node,
         )
         begins = [r for r in rows if r[1] == "begin"]
@@ -867,6 +856,11 @@ def _terminate(conn: Any) -> None:
     proxy refuses every call, this one included: nothing is left to close."""
     with contextlib.suppress(asyncpg.InterfaceError):
         conn.terminate()
+
+
+def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """The first ``width`` columns of ``rows``, one list each (for unnest)."""
+    return [[r[i] for r in rows] for i in range(width)]
 
 
 __all__ = ["Fence", "PostgresStore"]
