@@ -40,13 +40,22 @@ def pg_reachable() -> None:
         pytest.skip(message)
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout_s: float, every_s: float = 0.1) -> Any:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout_s``."""
+def wait_for(
+    what: str,
+    check: Callable[[], Any],
+    timeout_s: float,
+    every_s: float = 0.1,
+    *,
+    diagnose: Callable[[], str] | None = None,
+) -> Any:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout_s``
+    (with what ``diagnose`` says about the state of things, if given)."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = check()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+            detail = f"\n{diagnose()}" if diagnose is not None else ""
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}{detail}")
         time.sleep(every_s)

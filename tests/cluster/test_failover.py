@@ -85,6 +85,32 @@ def busiest(schema: str, at_least: int) -> str:
     return str(wait_for(f"a node with {at_least} transactions in flight", find, 30, 0.02))
 
 
+def picture(procs: Processes) -> str:
+    """The leases, the cluster's PostgreSQL sessions and the nodes' logs, for a
+    failure message."""
+    s = procs.schema
+    leases = pg(f"SELECT shard, owner, token, expires_at - now() FROM {s}.shard_lease ORDER BY 1")
+    members = pg(f"SELECT node, now() - heartbeat_at FROM {s}.members")
+    sessions = pg(
+        "SELECT pid, application_name, state, wait_event_type, wait_event, now() - xact_start,"
+        " left(query, 80) FROM pg_stat_activity WHERE application_name LIKE $1",
+        f"accord-%{s}%",
+    )
+    locks = pg(
+        "SELECT l.pid, l.mode, l.granted, c.relname FROM pg_locks l"
+        " JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = $1 AND c.relname = 'shard_lease'",
+        s,
+    )
+    parts = [
+        "leases:", *map(str, leases), "members:", *map(str, members),
+        "sessions:", *map(str, sessions), "shard_lease locks:", *map(str, locks),
+    ]  # fmt: skip
+    for name in NODES:
+        parts += [f"--- {name} (exit {procs.children[name].poll()}):", procs.log(name)[-1500:]]
+    return "\n".join(parts)
+
+
 def all_terminal(schema: str) -> bool:
     begun = pg(f"SELECT count(*) FROM {schema}.log WHERE kind = 'begin'")[0][0]
     still_open = pg(f"SELECT count(*) FROM {schema}.txn_open")[0][0]
@@ -123,7 +149,10 @@ def test_sigkill_one_of_three_nodes_under_load(procs: Processes) -> None:
         )  # fmt: skip
         return (rows[0][0] - killed_at).total_seconds() if rows else None
 
-    takeover_s = wait_for("the takeover of the killed node's shards", taken_over, TTL_S + 10)
+    takeover_s = wait_for(
+        "the takeover of the killed node's shards", taken_over, TTL_S + 10,
+        diagnose=lambda: picture(procs),
+    )  # fmt: skip
     assert takeover_s <= TTL_S + 3, f"takeover took {takeover_s:.2f} s"
     wait_for("every order to end", lambda: all_terminal(s), 120, 0.2)
     survivors = {r[0]: r[1] for r in pg(f"SELECT txid, array_agg(node) FROM {s}.log GROUP BY txid")}
@@ -155,7 +184,10 @@ def test_sigstopped_node_past_its_lease_writes_nothing_after_sigcont(procs: Proc
         rows = pg(f"SELECT shard, token FROM {s}.shard_lease WHERE shard = ANY($1)", list(held))
         return all(token > held[shard] for shard, token in rows)
 
-    wait_for("the takeover of the stopped node's shards", taken_over, TTL_S + 10)
+    wait_for(
+        "the takeover of the stopped node's shards", taken_over, TTL_S + 10,
+        diagnose=lambda: picture(procs),
+    )  # fmt: skip
     (max_seq,) = pg(f"SELECT max(seq) FROM {s}.log")[0]
     assert time.monotonic() - stopped_at >= TTL_S * 0.75
     procs.signal(victim, signal.SIGCONT)
