@@ -51,6 +51,11 @@ def test_demo_over_http_keeps_every_invariant(tmp_path: Path, fault_rate: str) -
     assert summary["committed"] > 0
     assert summary["committed"] + summary["aborted"] + summary["needs_attention"] == 80
     assert summary["stuck"] == 0
+    # The services' side of the run: without faults each call is one request
+    # they received; serving them cost CPU there.
+    if fault_rate == "0":
+        assert summary["requests"] == summary["calls"] == 80 * 8
+    assert summary["requests_per_s"] > 0 and summary["services_cpu_us_per_txn"] > 0
     assert (data / "secret").stat().st_mode & 0o077 == 0  # the secret is private
     assert (data / "secret").read_text() not in json.dumps(summary)
     verified = _summary(_accord("verify", "--data", str(data), "--json"))

@@ -98,6 +98,23 @@ async def test_admin_and_health_still_go_through_starlette(shop: ShopApp) -> Non
         assert (await client.get("/nowhere")).status_code == 404
 
 
+async def test_usage_counts_each_services_requests_for_the_admin_only(shop: ShopApp) -> None:
+    """GET /admin/usage: the requests each service received (refused ones too) and
+    this process's CPU time, growing; 401 without the admin secret."""
+    auth = {"authorization": f"Bearer {SECRET.hex()}"}
+    async with _client(shop) as client:
+        assert (await client.get("/admin/usage")).status_code == 401
+        before = (await client.get("/admin/usage", headers=auth)).json()
+        assert before["requests"] == {"order": 0, "inventory": 0, "payment": 0, "shipping": 0}
+        account = {"account": "cust-1", "amount": 5}
+        assert (await _post(client, "/payment/try", "t1", "try", account)).status_code == 200
+        assert (await _post(client, "/payment/try", "t1", "try", account)).status_code == 200
+        assert (await client.post("/shipping/try", content=b"{}")).status_code == 401
+        after = (await client.get("/admin/usage", headers=auth)).json()
+    assert after["requests"] == {"order": 0, "inventory": 0, "payment": 2, "shipping": 1}
+    assert after["cpu_s"] > before["cpu_s"]
+
+
 async def test_a_dispatched_call_is_durable_in_the_service_file(
     shop: ShopApp, tmp_path: Path
 ) -> None:

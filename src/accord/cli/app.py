@@ -88,11 +88,17 @@ def _print_summary(title: str, summary: dict[str, Any]) -> None:
         "duplicates_delivered",
         "duplicates_applied",
         "throughput_tps",
+        "requests_per_s",
         "duration_s",
         "recovery_s",
     ):
         if key in summary:
             table.add_row(key.replace("_", " "), str(summary[key]))
+    if summary.get("cpu_us_per_txn") is not None:
+        cpu = f"{summary['cpu_us_per_txn']} us here"
+        if "services_cpu_us_per_txn" in summary:
+            cpu += f", {summary['services_cpu_us_per_txn']} us in the services"
+        table.add_row("CPU per transaction", cpu)
     if "latency_ms" in summary:
         lat = summary["latency_ms"]
         table.add_row("latency p50/p95/p99", f"{lat['p50']} / {lat['p95']} / {lat['p99']} ms")

@@ -140,6 +140,8 @@ async def run_demo(config: DemoConfig, progress: Progress | None = None) -> dict
     # runs side by side): a median of ~168 against ~205 us of CPU per transaction.
     # Unfrozen afterwards: the collector sees them again (a process that runs
     # the demo more than once, such as the tests, does not pile them up).
+    remote = shop if isinstance(shop, RemoteShop) else None
+    services_before = await remote.usage() if remote is not None else None
     gc.freeze()
     try:
         started, cpu_started = time.perf_counter(), time.process_time()
@@ -155,6 +157,16 @@ async def run_demo(config: DemoConfig, progress: Progress | None = None) -> dict
     if isinstance(shop, RemoteShop):
         await shop.refresh()
     summary = await _summarize(coordinator, shop, store, results, elapsed, config.orders, cpu)
+    if remote is not None and services_before is not None and results:
+        # The services' own process, over the same span (their clock, read
+        # just before and after): what serving the calls cost on that side.
+        cpu_after, requests_after = await remote.usage()
+        requests = requests_after - services_before[1]
+        summary["requests"] = requests
+        summary["requests_per_s"] = round(requests / elapsed, 1) if elapsed > 0 else 0.0
+        summary["services_cpu_us_per_txn"] = round(
+            (cpu_after - services_before[0]) / len(results) * 1e6, 1
+        )
     summary["data"] = str(data)
     summary["protocol"] = config.protocol
     await coordinator.close()

@@ -140,6 +140,11 @@ class RemoteShop:
         self.fault_counts = Counter(faults.get("counts", {}))
         self.duplicates_delivered = self.fault_counts.get("duplicate", 0)
 
+    async def usage(self) -> tuple[float, int]:
+        """The services process's CPU seconds so far and the requests it received."""
+        found = await self._get("/admin/usage")
+        return float(found["cpu_s"]), sum(found["requests"].values())
+
     def views(self) -> dict[str, ServiceView]:
         return views_from_state(self._state)
 

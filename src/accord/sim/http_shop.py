@@ -24,8 +24,9 @@ import logging
 import math
 import random
 import sqlite3
+import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -161,9 +162,12 @@ class FaultMiddleware:
         self.faults = faults
         self.secret = secret
         self.down_until = 0.0
+        self.requests = 0  # HTTP requests received (GET /admin/usage)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         f = self.faults
+        if scope["type"] == "http":
+            self.requests += 1
         if scope["type"] != "http" or (f.fault_rate == 0 and f.latency_ms == 0):
             await self.app(scope, receive, send)
             return
@@ -262,7 +266,7 @@ class ShopApp(Starlette):
     goes through Starlette, where the same services are also mounted.
     """
 
-    def __init__(self, services: dict[str, ASGIApp], **kwargs: Any) -> None:
+    def __init__(self, services: Mapping[str, ASGIApp], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.services = {f"/{name}": app for name, app in services.items()}
 
@@ -310,7 +314,7 @@ def build_app(
     faults.validate()
     faults.rng = random.Random(faults.seed)
     verifier = wire.Verifier({KEY_ID: secret})
-    services: dict[str, ASGIApp] = {}
+    services: dict[str, FaultMiddleware] = {}
     barriers = []
     for name in SERVICES:
         if pg is not None:
@@ -367,6 +371,14 @@ def build_app(
             return JSONResponse({"error": "unauthorized"}, status_code=401)
         return JSONResponse(_fault_view(faults))
 
+    async def usage(request: Request) -> Response:
+        # What serving cost this process so far: the demo reads it before and
+        # after its run to report the services' CPU per transaction.
+        if not authorized(request):
+            return JSONResponse({"error": "unauthorized"}, status_code=401)
+        requests = {name: app.requests for name, app in services.items()}
+        return JSONResponse({"cpu_s": time.process_time(), "requests": requests})
+
     async def state(request: Request) -> Response:
         if not authorized(request):
             return JSONResponse({"error": "unauthorized"}, status_code=401)
@@ -380,6 +392,7 @@ def build_app(
         Route("/admin/faults", set_faults, methods=["POST"]),
         Route("/admin/faults", get_faults, methods=["GET"]),
         Route("/admin/state", state),
+        Route("/admin/usage", usage),
     ]
 
     @contextlib.asynccontextmanager
