@@ -9,7 +9,8 @@ by side and interleaved, `--repeat` times each, and prints the median
 throughput, CPU microseconds per transaction (of the demo's process: coordinator,
 log and in-process services; not PostgreSQL's), latency and group-commit batch
 size. Figures, not asserts: this
-machine is noisy, so compare configurations measured within one run.
+machine is noisy, so compare configurations measured within one run; the
+machine reference of ``bench/reference.py`` is printed before and after.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from reference import measure
 
 ACCORD = [sys.executable, "-c", "from accord.cli import main; main()"]
 
@@ -65,6 +67,7 @@ def main() -> None:
     if args.pg != "none":
         configs["postgres, svc mem"] = ["--services", "memory"]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
+    print(measure(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeat):
             for n, (name, options) in enumerate(configs.items()):
@@ -107,6 +110,7 @@ def main() -> None:
             f" {statistics.median(r['latency_ms']['p99'] for r in rs):8.1f}"
             f" {statistics.median(r['records_per_batch'] for r in rs):15.1f}"
         )
+    print(measure())
 
 
 if __name__ == "__main__":
