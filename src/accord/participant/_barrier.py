@@ -1,15 +1,21 @@
 """What the barrier decides, independent of the database it runs on.
 
-Both backends run the same sequence inside one local transaction:
+Each call runs inside one local transaction, in this order:
 
-1. insert this call's own row as ``pending``; if a row for ``(txid, branch,
-   op)`` already exists, answer from it (a duplicate) and stop;
-2. try / action: run the handler;
-3. confirm / cancel / compensate: lock the forward row (try / action) and read
+1. if a row for ``(txid, branch, op)`` already exists, answer from it (a
+   duplicate) and stop;
+2. confirm / cancel / compensate: read the forward row (try / action) and
    the rival row (confirm for a cancel, cancel for a confirm), then
-   :func:`decide`;
-4. store the final kind and result in the own row and commit; or roll
-   everything back (an exception, a rejection, a refused confirm or cancel).
+   :func:`decide`: run, record a null compensation, or reject;
+3. run the handler;
+4. store the own row with its final kind and result, and commit; or roll
+   the handler's work back (an exception, a refused confirm or cancel).
+
+On PostgreSQL concurrent calls run side by side, so step 1 inserts the own
+row as ``pending`` first (the key's claim; a concurrent duplicate waits for
+it) and step 2 locks the forward row. On SQLite the transaction holds the
+database's write lock, which serializes calls, so the branch's rows are read
+in one statement and the own row is written once, final.
 
 The rules of :func:`decide` are those of the simulated services
 (``accord.sim.services``) and of docs/protocol.md, "Participant obligations".

@@ -13,9 +13,9 @@ the lock is held, so they should be short.
 With ``group_commit=True`` (which runs on the event loop's thread,
 ``max_workers=0``), the calls that reach the barrier during one turn of the
 event loop share one local transaction: the first opens it (``BEGIN
-IMMEDIATE``), each call runs inside its own ``SAVEPOINT`` (its refusal,
-rejection or exception rolls back only its own work), and one ``COMMIT`` at
-the next turn makes them all durable. No call gets its answer before that
+IMMEDIATE``), each call that runs its handler does so inside its own
+``SAVEPOINT`` (its refusal or exception rolls back only its own work), and
+one ``COMMIT`` at the next turn makes them all durable. No call gets its answer before that
 ``COMMIT`` succeeded; if it fails, every call of the batch fails (the caller
 answers 500, transient) and nothing of the batch is kept. A call sees the
 changes of the calls before it in its batch, exactly as if they had committed
@@ -72,8 +72,7 @@ from accord.participant._barrier import (
 
 SQLiteHandler = Callable[[sqlite3.Connection], Any]
 
-_SAVEPOINT = "accord_handler"
-_CALL_SAVEPOINT = "accord_call"
+_SAVEPOINT = "accord_call"
 _T = TypeVar("_T")
 
 MAX_BATCH_CALLS = 256
@@ -133,18 +132,14 @@ class SQLiteBarrier:
         if "." in table:
             raise ValueError("a SQLite barrier table cannot be schema-qualified")
         # Built once: these run on every call.
-        self._sql_insert = (
-            f"INSERT OR IGNORE INTO {self._table}"
-            " (txid, branch, op, kind, result, error, created_at_ms)"
-            " VALUES (?, ?, ?, ?, NULL, ?, ?)"
+        columns = "(txid, branch, op, kind, result, error, created_at_ms)"
+        self._sql_insert = f"INSERT INTO {self._table} {columns} VALUES (?, ?, ?, ?, ?, ?, ?)"
+        self._sql_insert_two = (
+            f"INSERT INTO {self._table} {columns}"
+            " VALUES (?, ?, ?, ?, ?, ?, ?), (?, ?, ?, ?, ?, ?, ?)"
         )
-        self._sql_select = (
-            f"SELECT kind, result, error FROM {self._table}"
-            " WHERE txid = ? AND branch = ? AND op = ?"
-        )
-        self._sql_finish = (
-            f"UPDATE {self._table} SET kind = ?, result = ?, error = ?"
-            " WHERE txid = ? AND branch = ? AND op = ? AND kind = 'pending'"
+        self._sql_rows = (
+            f"SELECT op, kind, result, error FROM {self._table} WHERE txid = ? AND branch = ?"
         )
         self._busy_timeout_s = busy_timeout_s
         self._synchronous = synchronous
@@ -247,18 +242,7 @@ class SQLiteBarrier:
             # work in it that could not be undone: running now would run in
             # autocommit or commit with it. The batch will fail.
             raise BarrierError("the batch's local transaction failed; the call can be retried")
-        now_ms = int(self._clock() * 1000)
-        conn.execute(f"SAVEPOINT {_CALL_SAVEPOINT}")
-        done = False
-        try:
-            result, keep = self._apply(conn, txid, branch, op, handler, now_ms)
-            if not keep:
-                conn.execute(f"ROLLBACK TO {_CALL_SAVEPOINT}")
-            conn.execute(f"RELEASE {_CALL_SAVEPOINT}")
-            done = True
-        finally:
-            if not done:
-                _abandon_call(conn, batch)
+        result = self._apply(conn, txid, branch, op, handler, int(self._clock() * 1000), batch)
         answered: asyncio.Future[BarrierResult] = loop.create_future()
         batch.calls.append((answered, result))
         if len(batch.calls) >= MAX_BATCH_CALLS:
@@ -338,8 +322,8 @@ class SQLiteBarrier:
         now_ms = int(self._clock() * 1000)
         conn.execute("BEGIN IMMEDIATE")
         try:
-            result, commit = self._apply(conn, txid, branch, op, handler, now_ms)
-            conn.execute("COMMIT" if commit else "ROLLBACK")
+            result = self._apply(conn, txid, branch, op, handler, now_ms)
+            conn.execute("COMMIT")
             return result
         finally:
             if conn.in_transaction:
@@ -353,87 +337,94 @@ class SQLiteBarrier:
         op: Op,
         handler: SQLiteHandler,
         now_ms: int,
-    ) -> tuple[BarrierResult, bool]:
-        """One call inside the open transaction: (the answer, whether to commit)."""
-        if not self._insert(conn, txid, branch, op, Kind.PENDING, "", now_ms):
-            own = self._select(conn, txid, branch, op)
-            if own is None:
-                raise BarrierError(f"barrier row ({txid}, {branch}, {op}) vanished")
-            return answer(own, duplicate=True), False
+        batch: _Batch | None = None,
+    ) -> BarrierResult:
+        """One call inside the open transaction, which holds the write lock.
+
+        The lock serializes calls, so the branch's rows are read first and
+        the call's own row is written once, with its final kind: no
+        ``pending`` row to claim the key as on PostgreSQL. Whatever the call
+        writes it writes inside savepoint ``accord_call`` (or in one
+        statement) and undoes itself when it must not be kept; on an
+        exception it rolls its work back before raising, and if even that
+        fails, marks ``batch`` broken: its transaction must not commit.
+        """
+        rows = self._rows(conn, txid, branch)
+        own = rows.get(op)
+        if own is not None:
+            return answer(own, duplicate=True)
         forward_op = FORWARD.get(op)
         if forward_op is not None:
-            forward = self._select(conn, txid, branch, forward_op)
             rival_op = RIVAL.get(op)
-            rival = None if rival_op is None else self._select(conn, txid, branch, rival_op)
-            step, reason = decide(op, forward, rival)
+            rival = None if rival_op is None else rows.get(rival_op)
+            step, reason = decide(op, rows.get(forward_op), rival)
             if step is Step.REJECT:
-                return BarrierResult(Outcome.REJECTED, error=reason), False
-            if step is Step.NULL_AND_BLOCK:
-                error = blocked_error(forward_op, op)
-                if not self._insert(conn, txid, branch, forward_op, Kind.BLOCKED, error, now_ms):
-                    raise BarrierError(f"barrier row ({txid}, {branch}, {forward_op}) appeared")
+                return BarrierResult(Outcome.REJECTED, error=reason)
             if step is not Step.RUN:
-                self._finish(conn, txid, branch, op, Kind.NULL, None, "")
-                return BarrierResult(Outcome.OK), True
+                null = (txid, branch, op.value, Kind.NULL.value, None, "", now_ms)
+                if step is Step.NULL_AND_BLOCK:  # both rows or neither: one statement
+                    error = blocked_error(forward_op, op)
+                    blocked = (txid, branch, forward_op.value, Kind.BLOCKED.value, None, error)
+                    conn.execute(self._sql_insert_two, (*null, *blocked, now_ms))
+                else:
+                    conn.execute(self._sql_insert, null)
+                return BarrierResult(Outcome.OK)
 
         conn.execute(f"SAVEPOINT {_SAVEPOINT}")
         try:
-            value = handler(conn)
-            if inspect.isawaitable(value):
-                close = getattr(value, "close", None)
-                if close is not None:
-                    close()
-                raise TypeError("SQLiteBarrier handlers must not return awaitables")
-            text = encode_result(value)
-        except Refusal as exc:
-            _check_open(conn)
-            message = refusal_message(exc)
-            if forward_op is not None:
-                # A refused confirm / cancel / compensate breaks the participant's
-                # contract; recording it would make the refusal permanent, so
-                # nothing is kept and a later retry runs the handler again.
-                return BarrierResult(Outcome.REFUSED, error=message), False
-            conn.execute(f"ROLLBACK TO {_SAVEPOINT}")
+            try:
+                value = handler(conn)
+                if inspect.isawaitable(value):
+                    close = getattr(value, "close", None)
+                    if close is not None:
+                        close()
+                    raise TypeError("SQLiteBarrier handlers must not return awaitables")
+                text = encode_result(value)
+            except Refusal as exc:
+                self._check_open(conn, txid, branch, op, now_ms)
+                message = refusal_message(exc)
+                conn.execute(f"ROLLBACK TO {_SAVEPOINT}")
+                if forward_op is None:
+                    row = (txid, branch, op.value, Kind.REFUSED.value, None, message, now_ms)
+                    conn.execute(self._sql_insert, row)
+                # else: a refused confirm / cancel / compensate breaks the
+                # participant's contract; recording it would make the refusal
+                # permanent, so nothing is kept and a retry runs the handler again.
+                conn.execute(f"RELEASE {_SAVEPOINT}")
+                return BarrierResult(Outcome.REFUSED, error=message)
+            self._check_open(conn, txid, branch, op, now_ms)
+            conn.execute(
+                self._sql_insert, (txid, branch, op.value, Kind.APPLIED.value, text, "", now_ms)
+            )
             conn.execute(f"RELEASE {_SAVEPOINT}")
-            self._finish(conn, txid, branch, op, Kind.REFUSED, None, message)
-            return BarrierResult(Outcome.REFUSED, error=message), True
-        _check_open(conn)
-        conn.execute(f"RELEASE {_SAVEPOINT}")
-        self._finish(conn, txid, branch, op, Kind.APPLIED, text, "")
-        return BarrierResult(Outcome.OK, decode_result(text)), True
+        except BaseException:
+            if not _undo(conn) and batch is not None:
+                batch.broken = True  # its work is in the batch's transaction for good
+            raise
+        return BarrierResult(Outcome.OK, decode_result(text))
 
-    def _insert(
-        self,
-        conn: sqlite3.Connection,
-        txid: str,
-        branch: str,
-        op: Op,
-        kind: Kind,
-        error: str,
-        now_ms: int,
-    ) -> bool:
-        cursor = conn.execute(self._sql_insert, (txid, branch, op.value, kind.value, error, now_ms))
-        return cursor.rowcount == 1
-
-    def _select(self, conn: sqlite3.Connection, txid: str, branch: str, op: Op) -> Row | None:
-        found = conn.execute(self._sql_select, (txid, branch, op.value)).fetchone()
-        if found is None:
-            return None
-        return _row(found[0], found[1], found[2])
-
-    def _finish(
-        self,
-        conn: sqlite3.Connection,
-        txid: str,
-        branch: str,
-        op: Op,
-        kind: Kind,
-        result: str | None,
-        error: str,
+    def _check_open(
+        self, conn: sqlite3.Connection, txid: str, branch: str, op: Op, now_ms: int
     ) -> None:
-        cursor = conn.execute(self._sql_finish, (kind.value, result, error, txid, branch, op.value))
-        if cursor.rowcount != 1:
-            raise BarrierError(f"barrier row ({txid}, {branch}, {op}) is no longer pending")
+        if conn.in_transaction:
+            return
+        # The handler committed (or rolled back) on its own: its changes may be
+        # committed without an answer. A pending row, committed now, makes
+        # every later delivery fail loudly instead of running it again.
+        with contextlib.suppress(sqlite3.Error):
+            row = (txid, branch, op.value, Kind.PENDING.value, None, "", now_ms)
+            conn.execute(self._sql_insert, row)
+        raise BarrierError("the handler ended the local transaction; it must not commit")
+
+    def _rows(self, conn: sqlite3.Connection, txid: str, branch: str) -> dict[Op, Row]:
+        """Every row of the branch: the call's own, its forward and its rival."""
+        found = {}
+        for op, kind, result, error in conn.execute(self._sql_rows, (txid, branch)):
+            try:
+                found[Op(op)] = _row(kind, result, error)
+            except ValueError:
+                raise BarrierError(f"unknown barrier row op {op!r}") from None
+        return found
 
     def _cleanup_sync(self, cutoff_ms: int) -> int:
         conn = self._connection()
@@ -455,29 +446,23 @@ class SQLiteBarrier:
                 return deleted
 
 
-def _abandon_call(conn: sqlite3.Connection, batch: _Batch) -> None:
-    """Undo a failed call's work in its batch; if even that fails, the whole
-    batch is rolled back instead of committed (the call's own error is raised)."""
+def _undo(conn: sqlite3.Connection) -> bool:
+    """Roll a failed call's work back to its savepoint (if the transaction is
+    still open); False if even that failed."""
+    if not conn.in_transaction:
+        return True
     try:
-        if conn.in_transaction:
-            conn.execute(f"ROLLBACK TO {_CALL_SAVEPOINT}")
-            conn.execute(f"RELEASE {_CALL_SAVEPOINT}")
+        conn.execute(f"ROLLBACK TO {_SAVEPOINT}")
+        conn.execute(f"RELEASE {_SAVEPOINT}")
     except sqlite3.Error:
-        batch.broken = True
+        return False
+    return True
 
 
 def _plain_function(fn: object) -> bool:
     """A ``def`` or ``lambda`` that is not ``async``: the common case, told
     apart without ``inspect`` (which unwraps partials and methods first)."""
     return type(fn) is types.FunctionType and not fn.__code__.co_flags & inspect.CO_COROUTINE
-
-
-def _check_open(conn: sqlite3.Connection) -> None:
-    if not conn.in_transaction:
-        # The handler committed (or rolled back) on its own: its changes and
-        # perhaps the pending barrier row are committed without an answer.
-        # Failing loudly beats running it again.
-        raise BarrierError("the handler ended the local transaction; it must not commit")
 
 
 def _row(kind: str, result: str | None, error: str) -> Row:
