@@ -343,6 +343,64 @@ async def test_records_of_many_transactions_interleave_correctly(store: Store) -
     assert len(await store.load_active()) == 37
 
 
+async def test_counts_and_filtered_lists_agree_with_the_folded_log(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """count_by_status and list(status=...), which the SQL stores answer from
+    the last End record of each finished transaction and from txn_open, agree
+    with folding every transaction: through reopened and twice-ended ones,
+    pages, the since filter and reads split in chunks."""
+    for module in ("accord.log.sqlite", "accord.log.postgres"):
+        monkeypatch.setattr(f"{module}.FOLD_CHUNK", 2)
+    shapes: dict[str, list[Callable[[str], LogRecord]]] = {
+        "prep": [],
+        "cmtg": [lambda t: decided(t, Decision.COMMIT)],
+        "abtg": [lambda t: decided(t, Decision.ABORT)],
+        "done": [lambda t: decided(t, Decision.COMMIT), lambda t: ended(t, TxnStatus.COMMITTED)],
+        "undo": [lambda t: decided(t, Decision.ABORT), lambda t: ended(t, TxnStatus.ABORTED)],
+        "park": [
+            lambda t: decided(t, Decision.COMMIT),
+            lambda t: ended(t, TxnStatus.NEEDS_ATTENTION),
+        ],
+        "back": [  # parked, then retried by an operator: open again
+            lambda t: decided(t, Decision.ABORT),
+            lambda t: ended(t, TxnStatus.NEEDS_ATTENTION),
+            lambda t: OperatorAction(t, "retry", "fixed", T0 + 5),
+        ],
+        "twice": [  # parked, retried, then ended: two End records, the last one counts
+            lambda t: decided(t, Decision.COMMIT),
+            lambda t: ended(t, TxnStatus.NEEDS_ATTENTION),
+            lambda t: OperatorAction(t, "retry", "fixed", T0 + 5),
+            lambda t: ended(t, TxnStatus.COMMITTED, at=T0 + 6),
+        ],
+    }
+    for n in range(3):
+        for shape, steps in shapes.items():
+            txid = f"{shape}-{n}"
+            await write(store, begin(txid, at=T0 + n))
+            for step in steps:  # one batch each, as a coordinator would write them
+                await write(store, step(txid))
+    assert store.violations == []
+    snaps = await store.snapshots()
+    assert len(snaps) == 3 * len(shapes)
+    expected: dict[TxnStatus, int] = {}
+    for snap in snaps:
+        expected[snap.status] = expected.get(snap.status, 0) + 1
+    assert await store.count_by_status() == expected
+    for status in TxnStatus:
+        want = sorted(s.txid for s in snaps if s.status is status)
+        assert [r.id for r in await store.list(status=status, limit=1000)] == want, status
+        paged: list[str] = []
+        after = None
+        while rows := await store.list(status=status, limit=2, after_id=after):
+            paged += [r.id for r in rows]
+            after = rows[-1].id
+        assert paged == want, status
+        recent = sorted(s.txid for s in snaps if s.status is status and s.created_at_ms >= T0 + 1)
+        listed = await store.list(status=status, limit=1000, since_ms=T0 + 1)
+        assert [r.id for r in listed] == recent, status
+
+
 # ------------------------------------------------------------------ group commit
 
 
@@ -719,6 +777,31 @@ async def test_a_corrupted_record_fails_loudly_naming_the_transaction(
         await store.get("bad-1")
     good = await store.get("good")
     assert good is not None and good.status is TxnStatus.PREPARING
+
+
+@pytest.mark.durable
+async def test_counting_past_a_corrupted_end_record_names_its_transaction(
+    backend: Backend, store: Store
+) -> None:
+    """count_by_status reads End records with SQL; one SQL cannot read makes it
+    fold instead, which raises StoreError naming the transaction."""
+    assert backend.corrupt is not None
+    await write(
+        store,
+        begin("good"),
+        begin("bad-1"),
+        decided("bad-1", Decision.ABORT),
+        ended("bad-1", TxnStatus.ABORTED),
+    )
+    await store.close()
+    backend.corrupt("bad-1", "end", b"garbage")
+    store = backend.make()
+    await store.open()  # it reads only what is open
+    try:
+        with pytest.raises(StoreError, match="bad-1"):
+            await store.count_by_status()
+    finally:
+        await store.close()
 
 
 # ------------------------------------------------------------------ backend specifics

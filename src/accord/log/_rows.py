@@ -35,6 +35,7 @@ from accord.core.records import (
 )
 from accord.core.spec import Op, TransactionSpec
 from accord.errors import InvalidTransaction, StoreError
+from accord.log.base import TxnRow
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
@@ -296,6 +297,40 @@ def fold_records(txid: str, records: list[LogRecord]) -> TxnSnapshot:
         return fold(records)
     except StoreError as exc:
         raise StoreError(f"log of {txid!r} does not hold together: {exc}", txid=txid) from exc
+
+
+FOLD_CHUNK = 500
+"""Transactions whose records a listing reads in one query."""
+
+
+def page(
+    snaps: Iterable[TxnSnapshot], status: TxnStatus | None, limit: int, since_ms: int | None
+) -> list[TxnRow]:
+    """The first ``limit`` of ``snaps`` (in id order) with this status (any if
+    None), created at or after ``since_ms`` (any if None)."""
+    out: list[TxnRow] = []
+    if limit <= 0:
+        return out
+    for snap in snaps:
+        if matches(snap, status, since_ms):
+            out.append(TxnRow.of(snap))
+            if len(out) >= limit:
+                break
+    return out
+
+
+def matches(snap: TxnSnapshot, status: TxnStatus | None, since_ms: int | None) -> bool:
+    """Whether a listing filtered by ``status`` and ``since_ms`` (None: any) shows ``snap``."""
+    return (status is None or snap.status is status) and (
+        since_ms is None or snap.created_at_ms >= since_ms
+    )
+
+
+def count(snaps: Iterable[TxnSnapshot]) -> dict[TxnStatus, int]:
+    counts: dict[TxnStatus, int] = {}
+    for snap in snaps:
+        counts[snap.status] = counts.get(snap.status, 0) + 1
+    return counts
 
 
 def fold_rows(rows: Iterable[Sequence[Any]]) -> list[TxnSnapshot]:

@@ -67,7 +67,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, Collection, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterable, Sequence
 from typing import Any, Protocol
 
 import asyncpg  # type: ignore[import-untyped]
@@ -76,12 +76,15 @@ from accord._completion import Completion
 from accord.core.records import LogRecord, TxnSnapshot, TxnStatus
 from accord.errors import SchemaVersionError, StoreError
 from accord.log._rows import (
+    FOLD_CHUNK,
     Note,
     OpenTransactions,
     Reopen,
+    count,
     filter_batch,
     fold_records,
     fold_rows,
+    matches,
     open_after,
     record,
     with_rejected,
@@ -249,6 +252,21 @@ class PostgresStore(Store):
             " ORDER BY shard FOR SHARE"
         )
         self._take_inbox = f"DELETE FROM {s}.inbox WHERE txid = ANY($1::text[])"
+        # The ids of the transactions with an End record of a status ($3),
+        # after an id ($1), a page ($2) at a time.
+        self._ended_as = (
+            f"SELECT DISTINCT txid FROM {s}.log WHERE txid > $1 AND kind = 'end'"
+            " AND convert_from(body, 'UTF8')::jsonb ->> 'status' = $3 ORDER BY txid LIMIT $2"
+        )
+        # Each finished transaction's id and status: its last End record's,
+        # for the transactions not in txn_open (an operator's retry puts one
+        # back there).
+        self._finished = (
+            f"SELECT txid, convert_from(body, 'UTF8')::jsonb ->> 'status' AS status"
+            f" FROM {s}.log WHERE seq IN"
+            f" (SELECT max(seq) FROM {s}.log WHERE kind = 'end' GROUP BY txid)"
+            f" AND txid NOT IN (SELECT txid FROM {s}.txn_open)"
+        )
 
     # ------------------------------------------------------------ lifecycle
 
@@ -800,13 +818,16 @@ class PostgresStore(Store):
     ) -> builtins.list[TxnRow]:
         await self._settled()
         out: builtins.list[TxnRow] = []
-        sql = f"SELECT {_ROWS} FROM {self.schema}.log WHERE txid > $1 ORDER BY txid, seq"
-        scan = self._scan(sql, after_id or "")
+        if limit <= 0:
+            return out
+        if status is None:  # every transaction: fold them in id order until the page is full
+            sql = f"SELECT {_ROWS} FROM {self.schema}.log WHERE txid > $1 ORDER BY txid, seq"
+            scan = self._scan(sql, after_id or "")
+        else:  # only the candidates for that status, folded a chunk at a time
+            scan = self._fold_each(self._candidates(status, after_id or ""))
         try:
             async for snap in scan:
-                if since_ms is not None and snap.created_at_ms < since_ms:
-                    continue
-                if status is None or snap.status is status:
+                if matches(snap, status, since_ms):
                     out.append(TxnRow.of(snap))
                     if len(out) >= limit:
                         break
@@ -816,11 +837,65 @@ class PostgresStore(Store):
 
     async def count_by_status(self) -> dict[TxnStatus, int]:
         await self._settled()
-        counts: dict[TxnStatus, int] = {}
-        sql = f"SELECT {_ROWS} FROM {self.schema}.log ORDER BY txid, seq"
-        async for snap in self._scan(sql):
-            counts[snap.status] = counts.get(snap.status, 0) + 1
-        return counts
+        try:
+            finished = await self._fetch(
+                f"SELECT status, count(*) FROM ({self._finished}) f GROUP BY status"
+            )
+            counts = count([snap async for snap in self._fold_each(self._open_ids(""))])
+            for status, n in finished:
+                counts[TxnStatus(status)] = counts.get(TxnStatus(status), 0) + n
+            return counts
+        except (StoreError, ValueError):
+            # A record SQL cannot read: fold everything, which names it.
+            sql = f"SELECT {_ROWS} FROM {self.schema}.log ORDER BY txid, seq"
+            return count([snap async for snap in self._scan(sql)])
+
+    def _candidates(self, status: TxnStatus, after_id: str) -> AsyncGenerator[str, None]:
+        """The ids, in order, of the transactions that may have ``status`` now:
+        the open ones, or those with an End record of that status (folding
+        tells: a later End or an operator's retry may have changed it)."""
+        if not status.terminal:
+            return self._open_ids(after_id)
+        return self._ids(self._ended_as, after_id, status.value)
+
+    def _open_ids(self, after_id: str) -> AsyncGenerator[str, None]:
+        sql = f"SELECT txid FROM {self.schema}.txn_open WHERE txid > $1 ORDER BY txid LIMIT $2"
+        return self._ids(sql, after_id)
+
+    async def _ids(self, sql: str, after_id: str, *params: Any) -> AsyncGenerator[str, None]:
+        """Run ``sql`` (taking the last id seen, a LIMIT, then ``params``) a page
+        at a time, so that a short listing reads only the first pages."""
+        while True:
+            ids = [r[0] for r in await self._fetch(sql, after_id, FOLD_CHUNK, *params)]
+            for txid in ids:
+                yield txid
+            if len(ids) < FOLD_CHUNK:
+                return
+            after_id = ids[-1]
+
+    async def _fold_each(self, txids: AsyncIterator[str]) -> AsyncGenerator[TxnSnapshot, None]:
+        """The snapshots of these transactions, in their order, read in chunks."""
+        sql = (
+            f"SELECT {_ROWS} FROM {self.schema}.log WHERE txid = ANY($1::text[]) ORDER BY txid, seq"
+        )
+        chunk: builtins.list[str] = []
+        async for txid in txids:
+            chunk.append(txid)
+            if len(chunk) == FOLD_CHUNK:
+                async for snap in self._scan_all(sql, chunk):
+                    yield snap
+                chunk = []
+        if chunk:
+            async for snap in self._scan_all(sql, chunk):
+                yield snap
+
+    async def _scan_all(self, sql: str, *params: Any) -> AsyncGenerator[TxnSnapshot, None]:
+        scan = self._scan(sql, *params)
+        try:
+            async for snap in scan:
+                yield snap
+        finally:
+            await scan.aclose()
 
     async def snapshots(self) -> builtins.list[TxnSnapshot]:
         await self._settled()

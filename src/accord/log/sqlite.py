@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import itertools
 import os
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,12 @@ from accord._completion import Completion
 from accord.core.records import LogRecord, TxnSnapshot, TxnStatus, check_transition
 from accord.errors import SchemaVersionError, StoreError
 from accord.log._rows import (
+    FOLD_CHUNK,
     OpenTransactions,
+    count,
     fold_records,
     open_after,
+    page,
     record,
     with_rejected,
 )
@@ -63,6 +67,18 @@ _MIGRATIONS: dict[int, str] = {
     """,
 }
 
+# Each finished transaction's id and status: its last End record's, for the
+# transactions not in txn_open (an operator's retry puts one back there).
+_FINISHED = (
+    "SELECT txid, json_extract(CAST(body AS TEXT), '$.status') AS status FROM log"
+    " WHERE seq IN (SELECT max(seq) FROM log WHERE kind = 'end' GROUP BY txid)"
+    " AND txid NOT IN (SELECT txid FROM txn_open)"
+)
+# The ids of the transactions with an End record of a status, after an id.
+_ENDED_AS = (
+    "SELECT DISTINCT txid FROM log WHERE txid > ? AND kind = 'end'"
+    " AND json_extract(CAST(body AS TEXT), '$.status') = ? ORDER BY txid LIMIT ?"
+)
 _INSERT = "INSERT INTO log(txid, kind, at_ms, body) VALUES (?, ?, ?, ?)"
 _OPEN = "INSERT INTO txn_open(txid) VALUES (?)"
 _CLOSE = "DELETE FROM txn_open WHERE txid = ?"
@@ -204,16 +220,12 @@ class SQLiteStore(Store):
         await self._settled()
 
         def run() -> builtins.list[TxnRow]:
-            out: builtins.list[TxnRow] = []
-            sql = "SELECT txid, kind, at_ms, body FROM log WHERE txid > ? ORDER BY txid, seq"
-            for snap in self._scan(sql, (after_id or "",)):
-                if since_ms is not None and snap.created_at_ms < since_ms:
-                    continue
-                if status is None or snap.status is status:
-                    out.append(TxnRow.of(snap))
-                    if len(out) >= limit:
-                        break
-            return out
+            if status is None:  # every transaction: fold them in id order until the page is full
+                sql = "SELECT txid, kind, at_ms, body FROM log WHERE txid > ? ORDER BY txid, seq"
+                snaps = self._scan(sql, (after_id or "",))
+            else:  # only the candidates for that status, folded a chunk at a time
+                snaps = self._fold_each(self._candidates(status, after_id or ""))
+            return page(snaps, status, limit, since_ms)
 
         return await asyncio.to_thread(run)
 
@@ -221,13 +233,65 @@ class SQLiteStore(Store):
         await self._settled()
 
         def run() -> dict[TxnStatus, int]:
-            counts: dict[TxnStatus, int] = {}
-            sql = "SELECT txid, kind, at_ms, body FROM log ORDER BY txid, seq"
-            for snap in self._scan(sql, ()):
-                counts[snap.status] = counts.get(snap.status, 0) + 1
-            return counts
+            try:
+                return self._count_fast()
+            except (sqlite3.Error, ValueError):
+                # A record SQL cannot read: fold everything, which names it.
+                sql = "SELECT txid, kind, at_ms, body FROM log ORDER BY txid, seq"
+                return count(self._scan(sql, ()))
 
         return await asyncio.to_thread(run)
+
+    def _count_fast(self) -> dict[TxnStatus, int]:
+        """Finished transactions counted by SQL; the open ones folded."""
+        conn = self._connect()
+        try:
+            finished = conn.execute(
+                f"SELECT status, count(*) FROM ({_FINISHED}) GROUP BY status"
+            ).fetchall()
+        finally:
+            conn.close()
+        counts = count(self._fold_each(self._open_ids("")))
+        for status, n in finished:
+            counts[TxnStatus(status)] = counts.get(TxnStatus(status), 0) + n
+        return counts
+
+    def _candidates(self, status: TxnStatus, after_id: str) -> Iterator[str]:
+        """The ids, in order, of the transactions that may have ``status`` now:
+        the open ones, or those with an End record of that status (folding
+        tells: a later End or an operator's retry may have changed it)."""
+        if not status.terminal:
+            return self._open_ids(after_id)
+        return self._ids(_ENDED_AS, after_id, status.value)
+
+    def _open_ids(self, after_id: str) -> Iterator[str]:
+        return self._ids("SELECT txid FROM txn_open WHERE txid > ? ORDER BY txid LIMIT ?", after_id)
+
+    def _ids(self, sql: str, after_id: str, *params: Any) -> Iterator[str]:
+        """Run ``sql`` (taking the last id seen, ``params``, then a LIMIT) a page
+        at a time, so that a short listing reads only the first pages."""
+        while True:
+            conn = self._connect()
+            try:
+                ids = [txid for (txid,) in conn.execute(sql, (after_id, *params, FOLD_CHUNK))]
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: cannot read the log: {exc}") from exc
+            finally:
+                conn.close()
+            yield from ids
+            if len(ids) < FOLD_CHUNK:
+                return
+            after_id = ids[-1]
+
+    def _fold_each(self, txids: Iterator[str]) -> Iterator[TxnSnapshot]:
+        """The snapshots of these transactions, in their order, read in chunks."""
+        while chunk := builtins.list(itertools.islice(txids, FOLD_CHUNK)):
+            marks = ",".join("?" * len(chunk))
+            yield from self._scan(
+                f"SELECT txid, kind, at_ms, body FROM log WHERE txid IN ({marks})"
+                " ORDER BY txid, seq",
+                chunk,
+            )
 
     async def snapshots(self) -> builtins.list[TxnSnapshot]:
         await self._settled()
