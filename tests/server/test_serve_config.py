@@ -92,11 +92,16 @@ def test_the_allow_list_includes_the_keyed_prefixes(tmp_path: Path) -> None:
         (["--data", "D", "--drain-timeout", "1e9"], "drain_timeout_s must be between 0 and 3600"),
         (["--data", "D", "--allow", "ftp://files.test"], "'ftp://files.test' must be http(s)"),
         (["--data", "D", "--max-wait", "0"], "max_wait_s must be in (0, 3600]"),
+        (["--data", "D", "--ca-file", "/nonexistent.pem"], "/nonexistent.pem: cannot read it"),
+        (["--data", "D", "--ca-file", "NOTPEM"], "holds no PEM certificate"),
+        (["--data", "D", "--client-cert", "NOTPEM"], "must hold a PEM private key"),
     ],
 )
 def test_serve_refuses_bad_options(tmp_path: Path, args: list[str], message: str) -> None:
     """A bad option, the server's own checks included: exit 2 with "error: ...", no traceback."""
-    args = [a.replace("D", str(tmp_path / "d")) if a == "D" else a for a in args]
+    (tmp_path / "not.pem").write_text("just text\n")
+    places = {"D": str(tmp_path / "d"), "NOTPEM": str(tmp_path / "not.pem")}
+    args = [places.get(a, a) for a in args]
     r = runner.invoke(app, ["serve", *args])
     assert r.exit_code == 2, r.output
     assert "error:" in r.output

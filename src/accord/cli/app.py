@@ -19,6 +19,7 @@ from rich.table import Table
 
 from accord.cli import remote
 from accord.cli._loop import run
+from accord.cli._options import CaFileOption, ClientCertOption
 from accord.cli.cluster import cluster_app
 from accord.core.records import TxnStatus
 from accord.errors import AccordError
@@ -37,6 +38,7 @@ from accord.sim.http_demo import load_secret, new_secret
 from accord.sim.http_shop import KEY_ID, Faults, build_app, create_databases
 from accord.sim.http_shop_pg import PgShop
 from accord.sim.workload import ShopConfig, Workload
+from accord.transport.http import read_tls
 
 app = typer.Typer(
     help="accord: a distributed transaction coordinator (TCC and saga).",
@@ -327,6 +329,8 @@ def serve(
     ] = 10.0,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body.")] = 1024 * 1024,
     max_wait: Annotated[float, typer.Option(help="Longest ?wait=true, in seconds.")] = 30.0,
+    ca_file: CaFileOption = None,
+    client_cert: ClientCertOption = None,
 ) -> None:
     """Run the coordinator as an HTTP service (REST API, see docs/api.md)."""
     if not 0 < port < 65536:
@@ -366,6 +370,7 @@ def serve(
             limits=Limits(max_body_bytes=max_body_bytes, max_wait_s=max_wait),
             # Off unless ACCORD_OTEL_EXPORTER asks for it (docs/operations.md).
             tracing=tracing_from_env(),
+            tls=read_tls(ca_file, client_cert),
         )
         server_config(options)  # the server's own checks, before anything starts
     except (OSError, ValueError) as exc:

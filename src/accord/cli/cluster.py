@@ -26,6 +26,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from accord.cli._loop import run
+from accord.cli._options import CaFileOption, ClientCertOption
 from accord.cluster import DEFAULT_SHARDS, DEFAULT_TTL_S, ClusterClient, ClusterNode
 from accord.cluster.leases import read_status
 from accord.core.records import TxnStatus
@@ -37,7 +38,7 @@ from accord.sim.demo import HTTP_CALL_TIMEOUT_S
 from accord.sim.http_demo import RemoteShop, load_secret
 from accord.sim.http_shop import KEY_ID
 from accord.sim.workload import ShopConfig, Workload, order_spec
-from accord.transport.http import HttpTransport
+from accord.transport.http import HttpTransport, read_tls
 
 cluster_app = typer.Typer(
     help="Run coordinators as a cluster on one PostgreSQL log (sharded, leased, fenced).",
@@ -97,11 +98,17 @@ def node_command(
         Path | None, typer.Option(help="Write this node's status (JSON) here every second.")
     ] = None,
     log_level: Annotated[str, typer.Option(help="Log level on stderr.")] = "INFO",
+    ca_file: CaFileOption = None,
+    client_cert: ClientCertOption = None,
 ) -> None:
     """Run one coordinator of a cluster until SIGTERM or SIGINT (then drain and leave)."""
     dsn, schema = _pg(store)
     url, secret = _shop(services_url, secret_file)
-    transport = HttpTransport({url: (KEY_ID, secret)})
+    try:
+        tls = read_tls(ca_file, client_cert)
+    except ValueError as exc:
+        _fail(str(exc))
+    transport = HttpTransport({url: (KEY_ID, secret)}, **tls)
     logging.basicConfig(
         level=log_level.upper(),
         stream=sys.stderr,

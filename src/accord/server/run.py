@@ -33,7 +33,7 @@ from accord.observability import TracingObserver
 from accord.server.app import ServerConfig, create_app
 from accord.server.auth import check_token
 from accord.server.limits import AllowList, Limits
-from accord.transport.http import HttpTransport
+from accord.transport.http import HttpTransport, TlsFiles
 
 log = logging.getLogger("accord.server")
 
@@ -56,6 +56,8 @@ class ServeOptions:
     max_connections: int = 2048
     # Spans of transactions and calls (``tracing_from_env()``); None: no tracing.
     tracing: TracingObserver | None = None
+    # HttpTransport's ca_pem / identity_pem (``read_tls``): HTTPS to participants.
+    tls: TlsFiles = field(default_factory=TlsFiles)
 
 
 def load_keys(path: Path) -> dict[str, Key]:
@@ -141,7 +143,9 @@ def build(options: ServeOptions) -> tuple[Any, Coordinator]:
     store = open_store(options.store_url)
     tracing = options.tracing
     transport = HttpTransport(
-        options.keys, traceparent=tracing.traceparent if tracing is not None else None
+        options.keys,
+        traceparent=tracing.traceparent if tracing is not None else None,
+        **options.tls,
     )
     coordinator = Coordinator(store, transport, max_in_flight=options.max_in_flight)
     config = server_config(options)

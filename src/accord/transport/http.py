@@ -68,9 +68,11 @@ import http
 import logging
 import math
 import random
+import re
+import ssl
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypedDict
 
 import msgspec
 from pyreqwest.client import Client, ClientBuilder
@@ -134,6 +136,13 @@ class HttpTransport(Transport):
     :class:`accord.observability.TracingObserver`); when it is not given or
     returns ``None`` (or fails), a fresh random one is sent.
 
+    HTTPS: the server's certificate is checked against the usual public
+    roots plus, if given, the PEM certificates in ``ca_pem`` (a private CA:
+    one certificate or a bundle). ``identity_pem`` (a private key and its
+    certificate chain, PEM) is presented to participants that ask for a
+    client certificate (mutual TLS). A certificate that does not verify is
+    a connection error, so the call is ``TRANSIENT`` like any other.
+
     One pyreqwest client (made at the first call) pools keep-alive
     connections and lets at most ``max_connections`` requests be in flight
     at once; :meth:`close` closes it. The client belongs to no event loop
@@ -148,6 +157,8 @@ class HttpTransport(Transport):
         default_key: Key | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         traceparent: TraceparentFor | None = None,
+        ca_pem: bytes | None = None,
+        identity_pem: bytes | None = None,
     ) -> None:
         if max_connections < 1:
             raise ValueError(f"max_connections must be at least 1, got {max_connections}")
@@ -173,6 +184,8 @@ class HttpTransport(Transport):
         self._timeouts: dict[float, datetime.timedelta] = {}
         self._client: Client | None = None
         self._traceparent_for = traceparent
+        self._roots = [] if ca_pem is None else _certificates(ca_pem)
+        self._identity = None if identity_pem is None else _identity(identity_pem)
 
     async def call(self, call: Call) -> Reply:
         target = self._targets.get((call.participant, call.op))
@@ -240,9 +253,13 @@ class HttpTransport(Transport):
     def _open(self) -> Client:
         """The pooled client, configured so that nothing but the call decides
         what is sent or how a reply is read."""
+        builder = ClientBuilder()
+        for root in self._roots:
+            builder = builder.add_root_certificate_pem(root)
+        if self._identity is not None:
+            builder = builder.identity_pem(self._identity)
         self._client = (
-            ClientBuilder()
-            .max_connections(self._max_connections)
+            builder.max_connections(self._max_connections)
             # Idle connections kept per participant: no more than may be busy.
             .pool_max_idle_per_host(self._max_connections)
             # Participants' redirects, error statuses and cookies are answers to map,
@@ -346,6 +363,68 @@ def _check_key(where: str, key: Any) -> None:
         or not key[1]
     ):
         raise ValueError(f"{where} must be (key_id: non-empty str, secret: non-empty bytes)")
+
+
+class TlsFiles(TypedDict, total=False):
+    """HttpTransport's TLS options, as :func:`read_tls` reads them."""
+
+    ca_pem: bytes
+    identity_pem: bytes
+
+
+def read_tls(ca_file: str | None = None, identity_file: str | None = None) -> TlsFiles:
+    """HttpTransport's ``ca_pem`` and ``identity_pem`` read from PEM files and
+    checked; ValueError naming the file that is missing or does not hold
+    what it should."""
+    tls: TlsFiles = {}
+    if ca_file is not None:
+        tls["ca_pem"] = _read_pem(ca_file, _certificates)
+    if identity_file is not None:
+        tls["identity_pem"] = _read_pem(identity_file, _identity)
+    return tls
+
+
+def _read_pem(path: str, check: Callable[[bytes], object]) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        check(data)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read it ({exc.strerror})") from None
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    return data
+
+
+_PEM_CERT = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
+)
+
+
+def _certificates(pem: bytes) -> list[bytes]:
+    """Each certificate of a PEM bundle; ValueError if there is none or one
+    does not parse (reqwest would silently skip it)."""
+    if not isinstance(pem, bytes):
+        raise ValueError("ca_pem must be bytes (PEM certificates)")
+    found = _PEM_CERT.findall(pem)
+    if not found:
+        raise ValueError("ca_pem holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+    try:
+        ssl.create_default_context(cadata=b"\n".join(found).decode("ascii"))
+    except (ssl.SSLError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"ca_pem: a certificate does not parse: {exc}") from None
+    return found
+
+
+def _identity(pem: bytes) -> bytes:
+    """A client identity (PEM private key and certificate chain) reqwest accepts."""
+    if not isinstance(pem, bytes) or b"PRIVATE KEY-----" not in pem or not _PEM_CERT.search(pem):
+        raise ValueError("identity_pem must hold a PEM private key and its certificate chain")
+    try:
+        ClientBuilder().identity_pem(pem).build()
+    except ValueError as exc:
+        raise ValueError(f"identity_pem is not a usable key and certificate: {exc}") from None
+    return pem
 
 
 def _header(resp: Response, name: str) -> str | None:
