@@ -1,5 +1,5 @@
-"""`accord cluster submit | status | verify` against a one-node cluster and the
-shop's services, as real processes."""
+"""`accord cluster submit | status | verify | retry | abort | resolve` against a
+one-node cluster and the shop's services, as real processes."""
 
 from __future__ import annotations
 
@@ -64,6 +64,21 @@ def test_submit_status_and_verify_from_the_command_line(procs: Processes) -> Non
     checked = json.loads(verify.stdout)
     assert all(checked["invariants"].values()) and checked["transactions"] == 40
     assert checked["records_by_node"].keys() == {"solo"}
+
+    # Operator actions reach the owner; a committed order is past retry and
+    # abort (409), an unknown id is 404, each exit 1 with the answer.
+    (committed,) = pg(
+        f"SELECT txid FROM {s}.log WHERE kind = 'end'"
+        " AND convert_from(body, 'UTF8')::jsonb ->> 'status' = 'committed' LIMIT 1"
+    )[0]
+    for action, txid, code in (("retry", committed, 409), ("abort", "nobody", 404)):
+        acted = accord(
+            "cluster", action, txid, "--store", procs.store, "--reason", "ops drill", "--json"
+        )
+        assert acted.returncode == 1, acted.stderr
+        assert json.loads(acted.stdout)["code"] == code
+    blank = accord("cluster", "resolve", committed, "--store", procs.store, "--reason", " ")
+    assert blank.returncode == 2 and "reason must be a non-empty text" in blank.stderr
 
     bad = accord("cluster", "status", "--store", "sqlite:///tmp/x.db")
     assert bad.returncode == 2 and "PostgreSQL" in bad.stderr

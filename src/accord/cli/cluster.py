@@ -24,10 +24,12 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from accord.cli._loop import run
 from accord.cli._options import CaFileOption, ClientCertOption
 from accord.cluster import DEFAULT_SHARDS, DEFAULT_TTL_S, ClusterClient, ClusterNode
+from accord.cluster.inbox import Answer
 from accord.cluster.leases import read_status
 from accord.core.records import TxnStatus
 from accord.core.spec import Protocol
@@ -267,6 +269,53 @@ def status_command(
         f" {status['open_transactions'].get('(unowned)', 0)}, acquisitions"
         f" {status['acquisitions']}"
     )
+
+
+def _operator_command(action: str, summary: str) -> None:
+    def command(
+        txid: Annotated[str, typer.Argument(help="The transaction's id.")],
+        store: StoreOption,
+        reason: Annotated[str, typer.Option(help="Why (recorded in the log with the action).")],
+        timeout: Annotated[
+            float, typer.Option(help="Seconds to wait for the shard's owner to answer.")
+        ] = 30.0,
+        as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    ) -> None:
+        dsn, schema = _pg(store)
+
+        async def go() -> Answer | None:
+            async with ClusterClient(dsn, schema=schema) as client:
+                return await client.operate(txid, action, reason, timeout_s=timeout)
+
+        try:
+            answered = run(go())
+        except (AccordError, OSError, ValueError) as exc:
+            _fail(str(exc))
+        if answered is None:
+            err.print(
+                f"[yellow]no node answered within {timeout:g} s:[/] the request stays queued"
+                " and is acted on when the shard's owner picks it up"
+            )
+            raise typer.Exit(3)
+        code, body = answered
+        if as_json:
+            sys.stdout.write(json.dumps({"code": code, **body}) + "\n")
+        else:
+            out.print(Text(f"{code} " + ", ".join(f"{k} {v}" for k, v in body.items())))
+        if code >= 400:
+            raise typer.Exit(1)
+
+    command.__doc__ = summary
+    cluster_app.command(action)(command)
+
+
+_operator_command(
+    "retry", "Retry a transaction's waiting calls now; resume one in needs_attention."
+)
+_operator_command("abort", "Abort a transaction that has no decision yet.")
+_operator_command(
+    "resolve", "Close a needs_attention transaction repaired by hand, as its decision says."
+)
 
 
 @cluster_app.command("verify")

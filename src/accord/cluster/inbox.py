@@ -1,4 +1,5 @@
-"""Submissions waiting for their shard's owner, and clients that submit.
+"""Submissions and operator requests waiting for their shard's owner, and
+clients that submit them.
 
 A transaction may be submitted to any node, or by a process that is no node
 at all (:class:`ClusterClient`). If the submitting node does not own the
@@ -15,6 +16,14 @@ with the same spec the submission is the same transaction. The check and the
 pickup can race (a different spec accepted in the inbox while another node
 begins the id): the owner then finds the id begun and drops the inbox row,
 and the waiter, comparing specs, reports the conflict.
+
+An operator's retry, abort or resolve of a transaction goes the same way
+(``operator_request``): the shard's owner acts on it through its coordinator
+and writes the answer (an HTTP-like code and the transaction's state) into
+the request's row, where the client reads it. A request is answered after
+the action, so a node that dies in between leaves it to the next owner, who
+acts again: the second answer is then 409 (the transaction is no longer in
+the state the action applies to). A request nobody answers stays queued.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ import msgspec
 from accord.cluster.leases import _TRANSIENT, check_schema, inbox_channel
 from accord.cluster.shards import shard_of
 from accord.coordinator import TxnResult
-from accord.core.spec import TransactionSpec
+from accord.core.spec import MAX_ID_LENGTH, TransactionSpec
 from accord.errors import AccordError, DuplicateTransaction, InvalidTransaction, StoreError
 from accord.log.postgres import PostgresStore
 
@@ -40,6 +49,12 @@ _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
 
 MAX_BATCH = 10_000
+
+Request = tuple[int, str, str, str]
+"""An operator's request: (id, txid, action, reason)."""
+
+Answer = tuple[int, dict[str, Any]]
+"""An operator's request answered: an HTTP-like code and the transaction's state."""
 
 
 def spec_bytes(spec: TransactionSpec) -> bytes:
@@ -71,6 +86,20 @@ class Inbox:
             " ON CONFLICT (txid) DO NOTHING RETURNING txid"
         )
         self._waiting = f"SELECT txid, spec FROM {s}.inbox WHERE txid = ANY($1)"
+        self._request = (
+            f"INSERT INTO {s}.operator_request(txid, shard, action, reason)"
+            " VALUES ($1, $2, $3, $4) RETURNING id"
+        )
+        self._requests = (
+            f"SELECT id, txid, action, reason FROM {s}.operator_request"
+            " WHERE answered_at IS NULL AND shard = ANY($1::int[]) ORDER BY id LIMIT $2"
+        )
+        self._answer = (
+            f"UPDATE {s}.operator_request SET answered_at = clock_timestamp(),"
+            " answered_by = $2, code = $3, answer = $4::jsonb"
+            " WHERE id = $1 AND answered_at IS NULL"
+        )
+        self._answer_of = f"SELECT code, answer FROM {s}.operator_request WHERE id = $1"
         self._take = (
             f"SELECT txid, spec FROM {s}.inbox WHERE shard = ANY($1::int[])"
             " ORDER BY submitted_at LIMIT $2"
@@ -173,6 +202,62 @@ class Inbox:
         taken: list[tuple[str, bytes]] = await self._call("cannot read the inbox", go)
         return taken
 
+    async def request(self, txid: str, action: str, reason: str) -> int:
+        """Queue an operator's ``action`` on ``txid`` (durably); its id."""
+        if action not in OPERATOR_ACTIONS:
+            raise ValueError(f"action must be one of {', '.join(OPERATOR_ACTIONS)}, got {action!r}")
+
+        async def go(conn: Any) -> int:
+            async with conn.transaction():
+                shard = shard_of(txid, self.shards)
+                found = await conn.fetchval(self._request, txid, shard, action, reason)
+                await conn.execute("SELECT pg_notify($1, '')", inbox_channel(self.schema))
+            return int(found)
+
+        queued: int = await self._call("cannot queue the operator's request", go)
+        return queued
+
+    async def requests(
+        self, shards: Collection[int], limit: int
+    ) -> list[tuple[int, str, str, str]]:
+        """Unanswered operator requests in these shards, oldest first:
+        (id, txid, action, reason)."""
+        if not shards or limit <= 0:
+            return []
+
+        async def go(conn: Any) -> list[Request]:
+            rows = await conn.fetch(self._requests, sorted(shards), limit)
+            return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+        found: list[Request] = await self._call("cannot read requests", go)
+        return found
+
+    async def answer(self, request_id: int, code: int, answer: dict[str, Any]) -> None:
+        """Answer a request (once: a later answer to the same request is ignored)."""
+
+        async def go(conn: Any) -> None:
+            await conn.execute(self._answer, request_id, self.via, code, _encode(answer).decode())
+
+        await self._call("cannot answer the operator's request", go)
+
+    async def answer_of(self, request_id: int) -> Answer | None:
+        """(code, answer) of a request, None while it waits."""
+
+        async def go(conn: Any) -> Answer | None:
+            row = await conn.fetchrow(self._answer_of, request_id)
+            if row is None:
+                raise StoreError(f"no operator request {request_id}")
+            if row[0] is None:
+                return None
+            return int(row[0]), dict(_decode(row[1]))
+
+        found: Answer | None = await self._call("cannot read the answer", go)
+        return found
+
+
+OPERATOR_ACTIONS = ("retry", "abort", "resolve")
+MAX_REASON_CHARS = 1000
+
 
 def _conflict(txid: str) -> DuplicateTransaction:
     return DuplicateTransaction(f"transaction {txid!r} exists with a different spec", txid=txid)
@@ -258,5 +343,42 @@ class ClusterClient:
     async def result(self, spec: TransactionSpec, *, timeout_s: float | None = None) -> TxnResult:
         return await outcome(self.store, spec, timeout_s=timeout_s)
 
+    async def operate(
+        self, txid: str, action: str, reason: str, *, timeout_s: float = 30.0
+    ) -> Answer | None:
+        """An operator's ``action`` (retry, abort, resolve) on ``txid``, acted
+        on by its shard's owner: (code, answer) as the API answers it, or None
+        if no node answered within ``timeout_s`` (the request stays queued and
+        is acted on when an owner picks it up)."""
+        if self.inbox is None:
+            raise AccordError("the client is not open")
+        if not isinstance(txid, str) or not txid or len(txid) > MAX_ID_LENGTH:
+            raise ValueError(
+                f"txid must be a non-empty string of at most {MAX_ID_LENGTH} characters"
+            )
+        if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON_CHARS:
+            raise ValueError(
+                f"reason must be a non-empty text of at most {MAX_REASON_CHARS} characters"
+            )
+        if not 0 < timeout_s <= 3600:
+            raise ValueError(f"timeout_s must be in (0, 3600], got {timeout_s}")
+        request_id = await self.inbox.request(txid, action, reason)
+        deadline = time.monotonic() + timeout_s
+        delay = 0.02
+        while True:
+            answered = await self.inbox.answer_of(request_id)
+            if answered is not None or time.monotonic() >= deadline:
+                return answered
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 0.5)
 
-__all__ = ["ClusterClient", "Inbox", "outcome", "spec_bytes", "spec_from_bytes"]
+
+__all__ = [
+    "OPERATOR_ACTIONS",
+    "Answer",
+    "ClusterClient",
+    "Inbox",
+    "outcome",
+    "spec_bytes",
+    "spec_from_bytes",
+]

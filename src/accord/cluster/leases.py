@@ -77,6 +77,22 @@ _TABLES = [
         via TEXT NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS inbox_shard ON {s}.inbox(shard, submitted_at)",
+    # An operator's retry / abort / resolve, waiting for the shard's owner
+    # (accord.cluster.inbox); answered in place.
+    """CREATE TABLE IF NOT EXISTS {s}.operator_request (
+        id BIGSERIAL PRIMARY KEY,
+        txid TEXT NOT NULL,
+        shard INT NOT NULL,
+        action TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        requested_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+        answered_at TIMESTAMPTZ,
+        answered_by TEXT,
+        code INT,
+        answer JSONB
+    )""",
+    "CREATE INDEX IF NOT EXISTS operator_request_waiting ON {s}.operator_request(shard, id)"
+    " WHERE answered_at IS NULL",
 ]
 
 

@@ -28,6 +28,9 @@ the shards it holds a lease on, and only those:
   holds is driven here; any other goes to the cluster's inbox and is driven
   by its shard's owner (:mod:`accord.cluster.inbox`); its result is read from
   the log.
+* **Operator actions** (retry, abort, resolve) reach the shard's owner the
+  same way, as requests in the inbox; the owner acts through its
+  coordinator, under the shard's current epoch, and answers the request.
 
 What a lease cannot prevent: a call already handed to the network before a
 pause (SIGSTOP, a long GC) may still reach the participant after another node
@@ -51,18 +54,30 @@ from enum import StrEnum
 from functools import partial
 from typing import Any, TypeVar
 
-from accord.cluster.inbox import Inbox, outcome, spec_from_bytes
+from accord.cluster.inbox import Answer, Inbox, outcome, spec_from_bytes
 from accord.cluster.leases import LeaseTable, check_node_id, check_schema
 from accord.cluster.shards import DEFAULT_SHARDS, check_shards, shard_of
 from accord.coordinator import DEFAULT_MAX_IN_FLIGHT, Coordinator, Observer, TxnResult
-from accord.core.records import TxnSnapshot
+from accord.core.records import TxnSnapshot, TxnStatus
 from accord.core.spec import TransactionSpec
-from accord.errors import AccordError, CoordinatorClosed, StoreError
+from accord.errors import (
+    AccordError,
+    CoordinatorClosed,
+    Overloaded,
+    StoreError,
+    TransactionNotFound,
+)
 from accord.log.base import Fenced
 from accord.log.postgres import PostgresStore
 from accord.transport.base import Transport
 
 log = logging.getLogger("accord.cluster")
+
+_NOT_APPLICABLE = {
+    "retry": "retry applies to a transaction in needs_attention or one with calls to retry",
+    "abort": "abort applies to a transaction with no decision yet",
+    "resolve": "resolve applies to a transaction in needs_attention",
+}
 T = TypeVar("T")
 
 DEFAULT_TTL_S = 10.0
@@ -102,6 +117,7 @@ class NodeStats:
     fenced: int = 0  # transactions with records the database refused (stale token)
     inbox_taken: int = 0  # submissions picked up from the inbox
     forwarded: int = 0  # submissions put in the inbox for another owner
+    operator_requests: int = 0  # operator requests answered
 
 
 class ClusterNode:
@@ -170,6 +186,7 @@ class ClusterNode:
         self._epochs: dict[str, int] = {}
         self._driving: dict[int, set[str]] = {}  # shard -> txids driven here
         self._picked: set[str] = set()  # taken from the inbox, not finished
+        self._acting: set[int] = set()  # operator requests being acted on
         # Taken-over transactions still waiting for a slot: they go before new work.
         self._resuming = 0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -612,17 +629,13 @@ class ClusterNode:
             self._pickup.clear()
             try:
                 await self._take_from_inbox()
+                await self._take_requests()
             except StoreError as exc:
                 log.warning("node %s: cannot read the inbox: %s", self.node, exc)
                 await asyncio.sleep(self.poll_s)
 
     async def _take_from_inbox(self) -> None:
-        now = time.monotonic()
-        ready = [
-            s
-            for s, lease in self._leases.items()
-            if lease.state is LeaseState.READY and lease.valid_until > now
-        ]
+        ready = self._ready_shards()
         free = self.coordinator.max_in_flight - self.coordinator.in_flight
         if not ready or free <= 0 or not self._accepting or self._resuming:
             return
@@ -646,6 +659,93 @@ class ClusterNode:
 
     def _unpick(self, txid: str, _: asyncio.Future[TxnResult]) -> None:
         self._picked.discard(txid)
+
+    # ------------------------------------------------------------ operators
+
+    async def _take_requests(self) -> None:
+        ready = self._ready_shards()
+        if not ready or not self._accepting:
+            return
+        for request_id, txid, action, reason in await self.inbox.requests(ready, 100):
+            if request_id not in self._acting:
+                self._acting.add(request_id)
+                self._spawn(self._answer(request_id, txid, action, reason), "operator")
+
+    async def _answer(self, request_id: int, txid: str, action: str, reason: str) -> None:
+        try:
+            answered = await self.operate(txid, action, reason)
+            if answered is not None:  # else: not this node's to answer now
+                await self.inbox.answer(request_id, *answered)
+                self.stats.operator_requests += 1
+        except StoreError as exc:  # the request stays queued: tried again later
+            log.warning("node %s: operator request %d: %s", self.node, request_id, exc)
+        finally:
+            self._acting.discard(request_id)
+
+    async def operate(self, txid: str, action: str, reason: str) -> Answer | None:
+        """An operator's ``action`` (retry, abort, resolve) on ``txid``, whose
+        shard this node must hold: (code, answer), as the API answers it --
+        200 resolved, 202 acting (retry or abort under way), 404 unknown
+        id, 409 the action does not apply to the transaction's state -- or
+        None if this node cannot act for the shard now (another will)."""
+        shard = shard_of(txid, self.shards)
+        lease = self._leases.get(shard)
+        if lease is None or lease.state is LeaseState.LOADING or not self._trusted(lease):
+            return None
+        token = lease.token
+        driven = txid in self._driving.get(shard, ())
+        # The action's records (and the run it may start) belong to this epoch.
+        self._epochs.setdefault(txid, token)
+        c = self.coordinator
+        started: asyncio.Future[TxnResult] | None = None
+        try:
+            if action == "retry":
+                done: asyncio.Future[TxnResult] | TxnStatus | None = await c.retry(txid, reason)
+            elif action == "abort":
+                done = await c.abort_any(txid, reason)
+            elif action == "resolve":
+                done = await c.resolve(txid, reason)
+            else:
+                return 400, {"txid": txid, "error": f"unknown action {action!r}"}
+            if isinstance(done, asyncio.Future):
+                started = done
+            await self.store.flush()  # the answer means "recorded"
+        except TransactionNotFound:
+            return 404, {"txid": txid, "error": f"no transaction {txid!r}"}
+        except (CoordinatorClosed, Overloaded, Fenced, StoreError):
+            return None  # the request waits for a node (this one, later) that can act
+        except AccordError as exc:  # the log read back disagrees: the state changed
+            return 409, {"txid": txid, "action": action, "error": str(exc)}
+        finally:
+            if started is not None and not driven:
+                self._track(txid, shard, token, started)
+            elif not driven:
+                self._forget_epoch(txid, token)
+        state = await self._state_of(txid)
+        if done is None:
+            return 409, {"txid": txid, "action": action, **state, "error": _NOT_APPLICABLE[action]}
+        return (200 if isinstance(done, TxnStatus) else 202), {
+            "txid": txid, "action": action, **state
+        }  # fmt: skip
+
+    async def _state_of(self, txid: str) -> dict[str, Any]:
+        live = self.coordinator.live(txid)
+        if live is not None:
+            decision = live.decision.value if live.decision is not None else None
+            return {"status": live.status.value, "decision": decision, "reason": live.reason}
+        snap = await self.store.get(txid)
+        if snap is None:
+            return {}
+        decision = snap.decision.value if snap.decision is not None else None
+        return {"status": snap.status.value, "decision": decision, "reason": snap.reason}
+
+    def _ready_shards(self) -> list[int]:
+        now = time.monotonic()
+        return [
+            s
+            for s, lease in self._leases.items()
+            if lease.state is LeaseState.READY and lease.valid_until > now
+        ]
 
     # ------------------------------------------------------------ status
 
