@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import sqlite3
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -292,6 +295,51 @@ async def test_sqlite_handler_that_commits_fails_loudly(tmp_path: Path) -> None:
         # The pending row it committed is never taken for an answer.
         with pytest.raises(BarrierError, match="pending"):
             await barrier.run("t1", "b", Op.TRY, lambda conn: None)
+
+
+async def test_sqlite_handler_that_commits_is_not_run_again_by_a_waiting_duplicate(
+    tmp_path: Path,
+) -> None:
+    """The claim row commits with a handler that commits on its own: a duplicate
+    waiting for the write lock meanwhile fails loudly instead of applying again."""
+    runs = []
+
+    def handler(conn: sqlite3.Connection) -> None:
+        runs.append(1)
+        conn.execute("INSERT INTO effects VALUES ('x')")
+        conn.commit()  # the misuse
+        time.sleep(0.2)  # the duplicate is waiting for the lock by now
+
+    async with SQLiteBarrier(tmp_path / "b.db", max_workers=2) as barrier:
+        await barrier.migrate()
+        with sqlite3.connect(tmp_path / "b.db") as conn:
+            conn.execute("CREATE TABLE effects (v TEXT)")
+
+        async def duplicate() -> Any:
+            await asyncio.sleep(0.05)
+            return await barrier.run("t1", "b", Op.TRY, handler)
+
+        first, again = await asyncio.gather(
+            barrier.run("t1", "b", Op.TRY, handler), duplicate(), return_exceptions=True
+        )
+    assert isinstance(first, BarrierError) and "must not commit" in str(first)
+    assert isinstance(again, BarrierError) and "pending" in str(again)
+    assert runs == [1]
+    with sqlite3.connect(tmp_path / "b.db") as conn:
+        assert conn.execute("SELECT count(*) FROM effects").fetchone() == (1,)
+
+
+async def test_sqlite_handler_that_rolls_back_leaves_the_call_to_be_retried(
+    tmp_path: Path,
+) -> None:
+    """A handler that rolls the transaction back undoes its claim too: it fails,
+    and the next delivery runs the handler as if it were the first."""
+    async with SQLiteBarrier(tmp_path / "b.db", max_workers=1) as barrier:
+        await barrier.migrate()
+        with pytest.raises(BarrierError, match="must not commit"):
+            await barrier.run("t1", "b", Op.TRY, lambda conn: conn.rollback())
+        result = await barrier.run("t1", "b", Op.TRY, lambda conn: {"ok": True})
+    assert (result.outcome, result.result, result.duplicate) == (Outcome.OK, {"ok": True}, False)
 
 
 async def test_closed_sqlite_barrier_refuses_calls(tmp_path: Path) -> None:

@@ -15,7 +15,9 @@ On PostgreSQL concurrent calls run side by side, so step 1 inserts the own
 row as ``pending`` first (the key's claim; a concurrent duplicate waits for
 it) and step 2 locks the forward row. On SQLite the transaction holds the
 database's write lock, which serializes calls, so the branch's rows are read
-in one statement and the own row is written once, final.
+in one statement first, and the ``pending`` claim is written just before the
+handler runs (a handler that commits on its own commits the claim with its
+changes: later deliveries then fail loudly instead of applying it again).
 
 The rules of :func:`decide` are those of the simulated services
 (``accord.sim.services``) and of docs/protocol.md, "Participant obligations".

@@ -138,6 +138,10 @@ class SQLiteBarrier:
             f"INSERT INTO {self._table} {columns}"
             " VALUES (?, ?, ?, ?, ?, ?, ?), (?, ?, ?, ?, ?, ?, ?)"
         )
+        self._sql_finish = (
+            f"UPDATE {self._table} SET kind = '{Kind.APPLIED.value}', result = ?"
+            " WHERE txid = ? AND branch = ? AND op = ? AND kind = 'pending'"
+        )
         self._sql_rows = (
             f"SELECT op, kind, result, error FROM {self._table} WHERE txid = ? AND branch = ?"
         )
@@ -341,13 +345,13 @@ class SQLiteBarrier:
     ) -> BarrierResult:
         """One call inside the open transaction, which holds the write lock.
 
-        The lock serializes calls, so the branch's rows are read first and
-        the call's own row is written once, with its final kind: no
-        ``pending`` row to claim the key as on PostgreSQL. Whatever the call
-        writes it writes inside savepoint ``accord_call`` (or in one
-        statement) and undoes itself when it must not be kept; on an
-        exception it rolls its work back before raising, and if even that
-        fails, marks ``batch`` broken: its transaction must not commit.
+        The lock serializes calls, so the branch's rows are read in one
+        statement, before anything is written. A handler runs inside savepoint
+        ``accord_call`` after the call's ``pending`` claim row, which then
+        takes its final kind; rows written without a handler are written in
+        one statement. The call undoes its own work when it must not be kept;
+        on an exception it rolls its work back before raising, and if even
+        that fails, marks ``batch`` broken: its transaction must not commit.
         """
         rows = self._rows(conn, txid, branch)
         own = rows.get(op)
@@ -372,6 +376,10 @@ class SQLiteBarrier:
 
         conn.execute(f"SAVEPOINT {_SAVEPOINT}")
         try:
+            # The key's claim, before the handler: a handler that commits on its
+            # own commits it too, so no later delivery can run it again.
+            pending = (txid, branch, op.value, Kind.PENDING.value, None, "", now_ms)
+            conn.execute(self._sql_insert, pending)
             try:
                 value = handler(conn)
                 if inspect.isawaitable(value):
@@ -381,7 +389,7 @@ class SQLiteBarrier:
                     raise TypeError("SQLiteBarrier handlers must not return awaitables")
                 text = encode_result(value)
             except Refusal as exc:
-                self._check_open(conn, txid, branch, op, now_ms)
+                _check_open(conn)
                 message = refusal_message(exc)
                 conn.execute(f"ROLLBACK TO {_SAVEPOINT}")
                 if forward_op is None:
@@ -392,10 +400,8 @@ class SQLiteBarrier:
                 # permanent, so nothing is kept and a retry runs the handler again.
                 conn.execute(f"RELEASE {_SAVEPOINT}")
                 return BarrierResult(Outcome.REFUSED, error=message)
-            self._check_open(conn, txid, branch, op, now_ms)
-            conn.execute(
-                self._sql_insert, (txid, branch, op.value, Kind.APPLIED.value, text, "", now_ms)
-            )
+            _check_open(conn)
+            self._finish(conn, txid, branch, op, text)
             conn.execute(f"RELEASE {_SAVEPOINT}")
         except BaseException:
             if not _undo(conn) and batch is not None:
@@ -403,18 +409,10 @@ class SQLiteBarrier:
             raise
         return BarrierResult(Outcome.OK, decode_result(text))
 
-    def _check_open(
-        self, conn: sqlite3.Connection, txid: str, branch: str, op: Op, now_ms: int
-    ) -> None:
-        if conn.in_transaction:
-            return
-        # The handler committed (or rolled back) on its own: its changes may be
-        # committed without an answer. A pending row, committed now, makes
-        # every later delivery fail loudly instead of running it again.
-        with contextlib.suppress(sqlite3.Error):
-            row = (txid, branch, op.value, Kind.PENDING.value, None, "", now_ms)
-            conn.execute(self._sql_insert, row)
-        raise BarrierError("the handler ended the local transaction; it must not commit")
+    def _finish(self, conn: sqlite3.Connection, txid: str, branch: str, op: Op, text: str) -> None:
+        cursor = conn.execute(self._sql_finish, (text, txid, branch, op.value))
+        if cursor.rowcount != 1:
+            raise BarrierError(f"barrier row ({txid}, {branch}, {op}) is no longer pending")
 
     def _rows(self, conn: sqlite3.Connection, txid: str, branch: str) -> dict[Op, Row]:
         """Every row of the branch: the call's own, its forward and its rival."""
@@ -463,6 +461,15 @@ def _plain_function(fn: object) -> bool:
     """A ``def`` or ``lambda`` that is not ``async``: the common case, told
     apart without ``inspect`` (which unwraps partials and methods first)."""
     return type(fn) is types.FunctionType and not fn.__code__.co_flags & inspect.CO_COROUTINE
+
+
+def _check_open(conn: sqlite3.Connection) -> None:
+    if not conn.in_transaction:
+        # The handler committed (or rolled back) on its own: its changes and
+        # the pending claim are committed without an answer (or both undone).
+        # Failing loudly beats running it again: a committed claim makes every
+        # later delivery fail too.
+        raise BarrierError("the handler ended the local transaction; it must not commit")
 
 
 def _row(kind: str, result: str | None, error: str) -> Row:
