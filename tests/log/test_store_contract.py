@@ -349,7 +349,8 @@ async def test_counts_and_filtered_lists_agree_with_the_folded_log(
     """count_by_status and list(status=...), which the SQL stores answer from
     the last End record of each finished transaction and from txn_open, agree
     with folding every transaction: through reopened and twice-ended ones,
-    pages, the since filter and reads split in chunks."""
+    pages, the since filter and reads split in chunks; also transactions an
+    operator resolved (their last word is the operator's, not an End)."""
     for module in ("accord.log.sqlite", "accord.log.postgres"):
         monkeypatch.setattr(f"{module}.FOLD_CHUNK", 2)
     shapes: dict[str, list[Callable[[str], LogRecord]]] = {
@@ -366,6 +367,11 @@ async def test_counts_and_filtered_lists_agree_with_the_folded_log(
             lambda t: decided(t, Decision.ABORT),
             lambda t: ended(t, TxnStatus.NEEDS_ATTENTION),
             lambda t: OperatorAction(t, "retry", "fixed", T0 + 5),
+        ],
+        "fixd": [  # parked, then resolved by an operator: no End of its own
+            lambda t: decided(t, Decision.COMMIT),
+            lambda t: ended(t, TxnStatus.NEEDS_ATTENTION),
+            lambda t: OperatorAction(t, "resolve", "repaired by hand", T0 + 5),
         ],
         "twice": [  # parked, retried, then ended: two End records, the last one counts
             lambda t: decided(t, Decision.COMMIT),

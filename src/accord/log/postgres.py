@@ -258,14 +258,25 @@ class PostgresStore(Store):
             f"SELECT DISTINCT txid FROM {s}.log WHERE txid > $1 AND kind = 'end'"
             " AND convert_from(body, 'UTF8')::jsonb ->> 'status' = $3 ORDER BY txid LIMIT $2"
         )
-        # Each finished transaction's id and status: its last End record's,
-        # for the transactions not in txn_open (an operator's retry puts one
-        # back there).
-        self._finished = (
-            f"SELECT txid, convert_from(body, 'UTF8')::jsonb ->> 'status' AS status"
-            f" FROM {s}.log WHERE seq IN"
-            f" (SELECT max(seq) FROM {s}.log WHERE kind = 'end' GROUP BY txid)"
-            f" AND txid NOT IN (SELECT txid FROM {s}.txn_open)"
+        # Finished transactions counted by the status of their last End: not
+        # open (txn_open: an operator's retry puts a parked one back) and with
+        # no later End or operator's record (a resolve ends a parked
+        # transaction with no End of its own).
+        self._ended_counts = (
+            f"SELECT convert_from(body, 'UTF8')::jsonb ->> 'status', count(*) FROM {s}.log e"
+            f" WHERE kind = 'end' AND NOT EXISTS (SELECT 1 FROM {s}.log l WHERE l.txid = e.txid"
+            " AND l.kind IN ('end', 'operator') AND l.seq > e.seq)"
+            f" AND txid NOT IN (SELECT txid FROM {s}.txn_open) GROUP BY 1"
+        )
+        # Finished transactions an operator had the last word on: folded to know.
+        self._operated = (
+            f"SELECT DISTINCT txid FROM {s}.log o WHERE kind = 'operator' AND txid > $1"
+            f" AND NOT EXISTS (SELECT 1 FROM {s}.log l WHERE l.txid = o.txid AND l.kind = 'end'"
+            f" AND l.seq > o.seq) AND txid NOT IN (SELECT txid FROM {s}.txn_open) ORDER BY txid"
+        )
+        self._open_ids_after = f"SELECT txid FROM {s}.txn_open WHERE txid > $1 ORDER BY txid"
+        self._records_of = (
+            f"SELECT {_ROWS} FROM {s}.log WHERE txid = ANY($1::text[]) ORDER BY txid, seq"
         )
 
     # ------------------------------------------------------------ lifecycle
@@ -838,29 +849,64 @@ class PostgresStore(Store):
     async def count_by_status(self) -> dict[TxnStatus, int]:
         await self._settled()
         try:
-            finished = await self._fetch(
-                f"SELECT status, count(*) FROM ({self._finished}) f GROUP BY status"
-            )
-            counts = count([snap async for snap in self._fold_each(self._open_ids(""))])
-            for status, n in finished:
-                counts[TxnStatus(status)] = counts.get(TxnStatus(status), 0) + n
-            return counts
+            return await self._count_fast()
         except (StoreError, ValueError):
             # A record SQL cannot read: fold everything, which names it.
             sql = f"SELECT {_ROWS} FROM {self.schema}.log ORDER BY txid, seq"
             return count([snap async for snap in self._scan(sql)])
 
+    async def _count_fast(self) -> dict[TxnStatus, int]:
+        """Finished transactions counted by SQL, the others folded, all in
+        one read-only snapshot of the log."""
+        if self._pool is None:
+            raise StoreError("log is closed")
+        try:
+            async with (
+                self._pool.acquire() as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                ended = await conn.fetch(self._ended_counts)
+                folded = [r[0] for r in await conn.fetch(self._operated, "")]
+                folded += [r[0] for r in await conn.fetch(self._open_ids_after, "")]
+                rows = []
+                for first in range(0, len(folded), FOLD_CHUNK):
+                    chunk = folded[first : first + FOLD_CHUNK]
+                    rows += await conn.fetch(self._records_of, chunk)
+        except (*_TRANSIENT, asyncpg.PostgresError) as exc:
+            raise StoreError(f"schema {self.schema}: cannot read the log: {exc}") from exc
+        counts = count(fold_rows(rows))
+        for status, n in ended:
+            counts[TxnStatus(status)] = counts.get(TxnStatus(status), 0) + n
+        return counts
+
     def _candidates(self, status: TxnStatus, after_id: str) -> AsyncGenerator[str, None]:
         """The ids, in order, of the transactions that may have ``status`` now:
-        the open ones, or those with an End record of that status (folding
-        tells: a later End or an operator's retry may have changed it)."""
+        the open ones; or those with an End record of that status and those
+        an operator had the last word on (folding tells which really have it)."""
         if not status.terminal:
-            return self._open_ids(after_id)
-        return self._ids(self._ended_as, after_id, status.value)
+            return self._ids(f"{self._open_ids_after} LIMIT $2", after_id)
+        return self._ended_or_operated(status, after_id)
 
-    def _open_ids(self, after_id: str) -> AsyncGenerator[str, None]:
-        sql = f"SELECT txid FROM {self.schema}.txn_open WHERE txid > $1 ORDER BY txid LIMIT $2"
-        return self._ids(sql, after_id)
+    async def _ended_or_operated(
+        self, status: TxnStatus, after_id: str
+    ) -> AsyncGenerator[str, None]:
+        operated = [r[0] for r in await self._fetch(self._operated, after_id)]
+        ended = self._ids(self._ended_as, after_id, status.value)
+        last = None
+        i = 0
+        async for txid in ended:
+            while i < len(operated) and operated[i] <= txid:
+                if operated[i] != last:
+                    last = operated[i]
+                    yield last
+                i += 1
+            if txid != last:
+                last = txid
+                yield txid
+        for txid in operated[i:]:
+            if txid != last:
+                last = txid
+                yield txid
 
     async def _ids(self, sql: str, after_id: str, *params: Any) -> AsyncGenerator[str, None]:
         """Run ``sql`` (taking the last id seen, a LIMIT, then ``params``) a page
@@ -875,9 +921,7 @@ class PostgresStore(Store):
 
     async def _fold_each(self, txids: AsyncIterator[str]) -> AsyncGenerator[TxnSnapshot, None]:
         """The snapshots of these transactions, in their order, read in chunks."""
-        sql = (
-            f"SELECT {_ROWS} FROM {self.schema}.log WHERE txid = ANY($1::text[]) ORDER BY txid, seq"
-        )
+        sql = self._records_of
         chunk: builtins.list[str] = []
         async for txid in txids:
             chunk.append(txid)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import heapq
 import itertools
 import os
 import sqlite3
@@ -43,6 +44,7 @@ from accord.log._rows import (
     FOLD_CHUNK,
     OpenTransactions,
     count,
+    distinct,
     fold_records,
     open_after,
     page,
@@ -67,18 +69,27 @@ _MIGRATIONS: dict[int, str] = {
     """,
 }
 
-# Each finished transaction's id and status: its last End record's, for the
-# transactions not in txn_open (an operator's retry puts one back there).
-_FINISHED = (
-    "SELECT txid, json_extract(CAST(body AS TEXT), '$.status') AS status FROM log"
-    " WHERE seq IN (SELECT max(seq) FROM log WHERE kind = 'end' GROUP BY txid)"
-    " AND txid NOT IN (SELECT txid FROM txn_open)"
+# Finished transactions counted by the status of their last End: not open
+# (txn_open: an operator's retry puts a parked one back) and with no later End
+# or operator's record (a resolve ends a parked transaction with no End).
+_ENDED_COUNTS = (
+    "SELECT json_extract(CAST(body AS TEXT), '$.status'), count(*) FROM log e"
+    " WHERE kind = 'end' AND NOT EXISTS (SELECT 1 FROM log l WHERE l.txid = e.txid"
+    " AND l.kind IN ('end', 'operator') AND l.seq > e.seq)"
+    " AND txid NOT IN (SELECT txid FROM txn_open) GROUP BY 1"
+)
+# Finished transactions an operator had the last word on: folded to know.
+_OPERATED = (
+    "SELECT DISTINCT txid FROM log o WHERE kind = 'operator' AND txid > ?"
+    " AND NOT EXISTS (SELECT 1 FROM log l WHERE l.txid = o.txid AND l.kind = 'end'"
+    " AND l.seq > o.seq) AND txid NOT IN (SELECT txid FROM txn_open) ORDER BY txid"
 )
 # The ids of the transactions with an End record of a status, after an id.
 _ENDED_AS = (
     "SELECT DISTINCT txid FROM log WHERE txid > ? AND kind = 'end'"
     " AND json_extract(CAST(body AS TEXT), '$.status') = ? ORDER BY txid LIMIT ?"
 )
+_OPEN_IDS = "SELECT txid FROM txn_open WHERE txid > ? ORDER BY txid"
 _INSERT = "INSERT INTO log(txid, kind, at_ms, body) VALUES (?, ?, ?, ?)"
 _OPEN = "INSERT INTO txn_open(txid) VALUES (?)"
 _CLOSE = "DELETE FROM txn_open WHERE txid = ?"
@@ -243,29 +254,36 @@ class SQLiteStore(Store):
         return await asyncio.to_thread(run)
 
     def _count_fast(self) -> dict[TxnStatus, int]:
-        """Finished transactions counted by SQL; the open ones folded."""
+        """Finished transactions counted by SQL, the others folded, all in
+        one read transaction (one snapshot of the log)."""
         conn = self._connect()
         try:
-            finished = conn.execute(
-                f"SELECT status, count(*) FROM ({_FINISHED}) GROUP BY status"
-            ).fetchall()
+            conn.execute("BEGIN")
+            ended = conn.execute(_ENDED_COUNTS).fetchall()
+            folded = [t for (t,) in conn.execute(_OPERATED, ("",))]
+            folded += [t for (t,) in conn.execute(_OPEN_IDS, ("",))]
+            counts = count(self._fold_on(conn, iter(folded)))
+            conn.execute("COMMIT")
         finally:
             conn.close()
-        counts = count(self._fold_each(self._open_ids("")))
-        for status, n in finished:
+        for status, n in ended:
             counts[TxnStatus(status)] = counts.get(TxnStatus(status), 0) + n
         return counts
 
     def _candidates(self, status: TxnStatus, after_id: str) -> Iterator[str]:
         """The ids, in order, of the transactions that may have ``status`` now:
-        the open ones, or those with an End record of that status (folding
-        tells: a later End or an operator's retry may have changed it)."""
+        the open ones; or those with an End record of that status and those
+        an operator had the last word on (folding tells which really have it)."""
         if not status.terminal:
-            return self._open_ids(after_id)
-        return self._ids(_ENDED_AS, after_id, status.value)
-
-    def _open_ids(self, after_id: str) -> Iterator[str]:
-        return self._ids("SELECT txid FROM txn_open WHERE txid > ? ORDER BY txid LIMIT ?", after_id)
+            return self._ids(f"{_OPEN_IDS} LIMIT ?", after_id)
+        conn = self._connect()
+        try:
+            operated = [t for (t,) in conn.execute(_OPERATED, (after_id,))]
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot read the log: {exc}") from exc
+        finally:
+            conn.close()
+        return distinct(heapq.merge(self._ids(_ENDED_AS, after_id, status.value), operated))
 
     def _ids(self, sql: str, after_id: str, *params: Any) -> Iterator[str]:
         """Run ``sql`` (taking the last id seen, ``params``, then a LIMIT) a page
@@ -284,10 +302,20 @@ class SQLiteStore(Store):
             after_id = ids[-1]
 
     def _fold_each(self, txids: Iterator[str]) -> Iterator[TxnSnapshot]:
-        """The snapshots of these transactions, in their order, read in chunks."""
+        """The snapshots of these transactions, in their order."""
+        conn = self._connect()
+        try:
+            yield from self._fold_on(conn, txids)
+        finally:
+            conn.close()
+
+    def _fold_on(self, conn: sqlite3.Connection, txids: Iterator[str]) -> Iterator[TxnSnapshot]:
+        """The snapshots of these transactions, in their order, read on
+        ``conn`` a chunk at a time."""
         while chunk := builtins.list(itertools.islice(txids, FOLD_CHUNK)):
             marks = ",".join("?" * len(chunk))
-            yield from self._scan(
+            yield from self._scan_on(
+                conn,
                 f"SELECT txid, kind, at_ms, body FROM log WHERE txid IN ({marks})"
                 " ORDER BY txid, seq",
                 chunk,
@@ -315,6 +343,14 @@ class SQLiteStore(Store):
         """Fold rows ordered by txid, yielding one snapshot at a time."""
         conn = self._connect()
         try:
+            yield from self._scan_on(conn, sql, params)
+        finally:
+            conn.close()
+
+    def _scan_on(
+        self, conn: sqlite3.Connection, sql: str, params: Sequence[Any]
+    ) -> Iterable[TxnSnapshot]:
+        try:
             current: str | None = None
             records: builtins.list[LogRecord] = []
             for txid, kind, at_ms, body in conn.execute(sql, params):
@@ -327,8 +363,6 @@ class SQLiteStore(Store):
                 yield fold_records(current or "", records)
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot read the log: {exc}") from exc
-        finally:
-            conn.close()
 
 
 def _write_batch(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> frozenset[str]:
