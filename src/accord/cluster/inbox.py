@@ -20,10 +20,14 @@ and the waiter, comparing specs, reports the conflict.
 An operator's retry, abort or resolve of a transaction goes the same way
 (``operator_request``): the shard's owner acts on it through its coordinator
 and writes the answer (an HTTP-like code and the transaction's state) into
-the request's row, where the client reads it. A request is answered after
-the action, so a node that dies in between leaves it to the next owner, who
-acts again: the second answer is then 409 (the transaction is no longer in
-the state the action applies to). A request nobody answers stays queued.
+the request's row, where the client reads it. An owner acts on one request
+of a transaction at a time, and answers only while it still holds the
+shard's lease in the epoch it acted in (the answer's UPDATE checks the
+lease), so a node that lost the shard meanwhile leaves the request to the
+new owner. A request is answered after the action, so a node that dies in
+between leaves it to the next owner, who acts again: the second answer is
+then 409 (the transaction is no longer in the state the action applies to).
+A request nobody answers stays queued.
 """
 
 from __future__ import annotations
@@ -94,10 +98,12 @@ class Inbox:
             f"SELECT id, txid, action, reason FROM {s}.operator_request"
             " WHERE answered_at IS NULL AND shard = ANY($1::int[]) ORDER BY id LIMIT $2"
         )
+        # Answered only by the holder of the shard's lease in that epoch.
         self._answer = (
             f"UPDATE {s}.operator_request SET answered_at = clock_timestamp(),"
             " answered_by = $2, code = $3, answer = $4::jsonb"
-            " WHERE id = $1 AND answered_at IS NULL"
+            f" WHERE id = $1 AND answered_at IS NULL AND EXISTS (SELECT 1 FROM {s}.shard_lease"
+            " WHERE shard = $5 AND token = $6 AND owner = $2 AND expires_at > now())"
         )
         self._answer_of = f"SELECT code, answer FROM {s}.operator_request WHERE id = $1"
         self._take = (
@@ -232,13 +238,21 @@ class Inbox:
         found: list[Request] = await self._call("cannot read requests", go)
         return found
 
-    async def answer(self, request_id: int, code: int, answer: dict[str, Any]) -> None:
-        """Answer a request (once: a later answer to the same request is ignored)."""
+    async def answer(
+        self, request_id: int, code: int, answer: dict[str, Any], *, shard: int, token: int
+    ) -> bool:
+        """Answer a request as the holder of ``shard``'s lease in epoch
+        ``token`` (``via`` is the node); False if it is answered already or
+        the lease moved on (the request then waits for the shard's owner)."""
 
-        async def go(conn: Any) -> None:
-            await conn.execute(self._answer, request_id, self.via, code, _encode(answer).decode())
+        async def go(conn: Any) -> bool:
+            done = await conn.execute(
+                self._answer, request_id, self.via, code, _encode(answer).decode(), shard, token
+            )
+            return bool(done == "UPDATE 1")
 
-        await self._call("cannot answer the operator's request", go)
+        answered: bool = await self._call("cannot answer the operator's request", go)
+        return answered
 
     async def answer_of(self, request_id: int) -> Answer | None:
         """(code, answer) of a request, None while it waits."""

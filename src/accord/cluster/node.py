@@ -73,6 +73,8 @@ from accord.transport.base import Transport
 
 log = logging.getLogger("accord.cluster")
 
+ANSWERED_MEMORY_S = 60.0
+
 _NOT_APPLICABLE = {
     "retry": "retry applies to a transaction in needs_attention or one with calls to retry",
     "abort": "abort applies to a transaction with no decision yet",
@@ -186,7 +188,10 @@ class ClusterNode:
         self._epochs: dict[str, int] = {}
         self._driving: dict[int, set[str]] = {}  # shard -> txids driven here
         self._picked: set[str] = set()  # taken from the inbox, not finished
-        self._acting: set[int] = set()  # operator requests being acted on
+        self._acting: dict[int, str] = {}  # operator request id -> its txid, being acted on
+        # Requests answered here lately: a read of the queue that began before
+        # the answer was written may still return them.
+        self._answered: dict[int, float] = {}
         # Taken-over transactions still waiting for a slot: they go before new work.
         self._resuming = 0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -666,28 +671,41 @@ class ClusterNode:
         ready = self._ready_shards()
         if not ready or not self._accepting:
             return
+        now = time.monotonic()
+        for request_id, until in list(self._answered.items()):
+            if until <= now:
+                del self._answered[request_id]
+        busy = set(self._acting.values())
         for request_id, txid, action, reason in await self.inbox.requests(ready, 100):
-            if request_id not in self._acting:
-                self._acting.add(request_id)
-                self._spawn(self._answer(request_id, txid, action, reason), "operator")
+            # One action at a time per transaction (the next waits for a later
+            # poll); none again for a request answered since the read began.
+            if request_id in self._acting or request_id in self._answered or txid in busy:
+                continue
+            self._acting[request_id] = txid
+            busy.add(txid)
+            self._spawn(self._answer(request_id, txid, action, reason), "operator")
 
     async def _answer(self, request_id: int, txid: str, action: str, reason: str) -> None:
         try:
+            shard = shard_of(txid, self.shards)
+            lease = self._leases.get(shard)
             answered = await self.operate(txid, action, reason)
-            if answered is not None:  # else: not this node's to answer now
-                await self.inbox.answer(request_id, *answered)
-                self.stats.operator_requests += 1
+            if answered is not None and lease is not None:  # else: not this node's to answer now
+                if await self.inbox.answer(request_id, *answered, shard=shard, token=lease.token):
+                    self.stats.operator_requests += 1
+                self._answered[request_id] = time.monotonic() + ANSWERED_MEMORY_S
         except StoreError as exc:  # the request stays queued: tried again later
             log.warning("node %s: operator request %d: %s", self.node, request_id, exc)
         finally:
-            self._acting.discard(request_id)
+            del self._acting[request_id]
 
     async def operate(self, txid: str, action: str, reason: str) -> Answer | None:
         """An operator's ``action`` (retry, abort, resolve) on ``txid``, whose
         shard this node must hold: (code, answer), as the API answers it --
-        200 resolved, 202 acting (retry or abort under way), 404 unknown
-        id, 409 the action does not apply to the transaction's state -- or
-        None if this node cannot act for the shard now (another will)."""
+        200 done (resolved, or the retry or abort already finished), 202 under
+        way, 404 unknown id, 409 the action does not apply to the
+        transaction's state -- or None if this node cannot act for the shard
+        now, or lost it meanwhile (its owner will)."""
         shard = shard_of(txid, self.shards)
         lease = self._leases.get(shard)
         if lease is None or lease.state is LeaseState.LOADING or not self._trusted(lease):
@@ -715,18 +733,42 @@ class ClusterNode:
         except (CoordinatorClosed, Overloaded, Fenced, StoreError):
             return None  # the request waits for a node (this one, later) that can act
         except AccordError as exc:  # the log read back disagrees: the state changed
-            return 409, {"txid": txid, "action": action, "error": str(exc)}
+            done, started = None, None
+            refused = str(exc)
+        else:
+            refused = _NOT_APPLICABLE[action]
         finally:
-            if started is not None and not driven:
-                self._track(txid, shard, token, started)
-            elif not driven:
-                self._forget_epoch(txid, token)
+            self._settle_epoch(txid, shard, token, driven, started)
+        now_held = self._leases.get(shard)
+        if now_held is None or now_held.token != token or not self._trusted(now_held):
+            return None  # what it saw may be stale: the shard's owner answers
         state = await self._state_of(txid)
         if done is None:
-            return 409, {"txid": txid, "action": action, **state, "error": _NOT_APPLICABLE[action]}
-        return (200 if isinstance(done, TxnStatus) else 202), {
-            "txid": txid, "action": action, **state
-        }  # fmt: skip
+            return 409, {"txid": txid, "action": action, **state, "error": refused}
+        if isinstance(done, TxnStatus) or (started is not None and started.done()):
+            return 200, {"txid": txid, "action": action, **state}
+        return 202, {"txid": txid, "action": action, **state}
+
+    def _settle_epoch(
+        self,
+        txid: str,
+        shard: int,
+        token: int,
+        driven: bool,
+        started: asyncio.Future[TxnResult] | None,
+    ) -> None:
+        """After an operator's action: a run it started is tracked in its
+        epoch while the shard is still held in that epoch (a lost shard's
+        runs were dropped); otherwise the epoch is forgotten, unless some run
+        (this action's or another's) drives the transaction now."""
+        if driven:
+            return
+        lease = self._leases.get(shard)
+        held = lease is not None and lease.token == token
+        if started is not None and held:
+            self._track(txid, shard, token, started)
+        elif self.coordinator.live(txid) is None and txid not in self._driving.get(shard, ()):
+            self._forget_epoch(txid, token)
 
     async def _state_of(self, txid: str) -> dict[str, Any]:
         live = self.coordinator.live(txid)
