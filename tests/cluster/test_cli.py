@@ -54,6 +54,7 @@ def test_submit_status_and_verify_from_the_command_line(procs: Processes) -> Non
     assert status.returncode == 0, status.stderr
     st = json.loads(status.stdout)
     assert st["owned"] == {"solo": 8} and st["inbox"] == 0 and st["shards"] == 8
+    assert st["operator_requests_waiting"] == 0
     assert [m["node"] for m in st["members"] if m["live"]] == ["solo"]
 
     verify = accord(

@@ -265,7 +265,8 @@ def status_command(
         )
     out.print(table)
     out.print(
-        f"free shards {status['free_shards']}, inbox {status['inbox']}, open in unowned shards"
+        f"free shards {status['free_shards']}, inbox {status['inbox']}, operator requests"
+        f" waiting {status['operator_requests_waiting']}, open in unowned shards"
         f" {status['open_transactions'].get('(unowned)', 0)}, acquisitions"
         f" {status['acquisitions']}"
     )

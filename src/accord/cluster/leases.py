@@ -390,6 +390,9 @@ async def cluster_status(conn: Any, schema: str, ttl_s: float) -> dict[str, Any]
         " ON l.shard = o.shard AND l.expires_at > now() GROUP BY l.owner"
     )
     inbox = await conn.fetchval(f"SELECT count(*) FROM {s}.inbox")
+    requests = await conn.fetchval(
+        f"SELECT count(*) FROM {s}.operator_request WHERE answered_at IS NULL"
+    )
     acquisitions = await conn.fetchval(f"SELECT count(*) FROM {s}.lease_history")
     return {
         "schema": s,
@@ -402,6 +405,7 @@ async def cluster_status(conn: Any, schema: str, ttl_s: float) -> dict[str, Any]
         "free_shards": int(free),
         "open_transactions": {(o or "(unowned)"): int(c) for o, c in open_by_owner},
         "inbox": int(inbox),
+        "operator_requests_waiting": int(requests),
         "acquisitions": int(acquisitions),
     }
 
