@@ -786,11 +786,12 @@ async def test_a_corrupted_record_fails_loudly_naming_the_transaction(
 
 
 @pytest.mark.durable
-async def test_counting_past_a_corrupted_end_record_names_its_transaction(
+async def test_counting_or_listing_past_a_corrupted_end_record_names_its_transaction(
     backend: Backend, store: Store
 ) -> None:
-    """count_by_status reads End records with SQL; one SQL cannot read makes it
-    fold instead, which raises StoreError naming the transaction."""
+    """count_by_status and a listing by status read End records with SQL; one
+    SQL cannot read makes them fold instead, which raises StoreError naming
+    the transaction."""
     assert backend.corrupt is not None
     await write(
         store,
@@ -806,6 +807,9 @@ async def test_counting_past_a_corrupted_end_record_names_its_transaction(
     try:
         with pytest.raises(StoreError, match="bad-1"):
             await store.count_by_status()
+        for status in (TxnStatus.ABORTED, TxnStatus.COMMITTED):
+            with pytest.raises(StoreError, match="bad-1"):
+                await store.list(status=status)
     finally:
         await store.close()
 

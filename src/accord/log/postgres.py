@@ -828,14 +828,28 @@ class PostgresStore(Store):
         since_ms: int | None = None,
     ) -> builtins.list[TxnRow]:
         await self._settled()
-        out: builtins.list[TxnRow] = []
         if limit <= 0:
-            return out
+            return []
+        every = f"SELECT {_ROWS} FROM {self.schema}.log WHERE txid > $1 ORDER BY txid, seq"
         if status is None:  # every transaction: fold them in id order until the page is full
-            sql = f"SELECT {_ROWS} FROM {self.schema}.log WHERE txid > $1 ORDER BY txid, seq"
-            scan = self._scan(sql, after_id or "")
-        else:  # only the candidates for that status, folded a chunk at a time
-            scan = self._fold_each(self._candidates(status, after_id or ""))
+            return await self._page(self._scan(every, after_id or ""), status, limit, since_ms)
+        try:  # only the candidates for that status, folded a chunk at a time
+            candidates = self._fold_each(self._candidates(status, after_id or ""))
+            return await self._page(candidates, status, limit, since_ms)
+        except StoreError as exc:
+            if exc.txid is not None:
+                raise
+            # A record SQL cannot read: fold every transaction, which names it.
+            return await self._page(self._scan(every, after_id or ""), status, limit, since_ms)
+
+    @staticmethod
+    async def _page(
+        scan: AsyncGenerator[TxnSnapshot, None],
+        status: TxnStatus | None,
+        limit: int,
+        since_ms: int | None,
+    ) -> builtins.list[TxnRow]:
+        out: builtins.list[TxnRow] = []
         try:
             async for snap in scan:
                 if matches(snap, status, since_ms):

@@ -231,12 +231,17 @@ class SQLiteStore(Store):
         await self._settled()
 
         def run() -> builtins.list[TxnRow]:
+            every = "SELECT txid, kind, at_ms, body FROM log WHERE txid > ? ORDER BY txid, seq"
             if status is None:  # every transaction: fold them in id order until the page is full
-                sql = "SELECT txid, kind, at_ms, body FROM log WHERE txid > ? ORDER BY txid, seq"
-                snaps = self._scan(sql, (after_id or "",))
-            else:  # only the candidates for that status, folded a chunk at a time
-                snaps = self._fold_each(self._candidates(status, after_id or ""))
-            return page(snaps, status, limit, since_ms)
+                return page(self._scan(every, (after_id or "",)), status, limit, since_ms)
+            try:  # only the candidates for that status, folded a chunk at a time
+                candidates = self._fold_each(self._candidates(status, after_id or ""))
+                return page(candidates, status, limit, since_ms)
+            except StoreError as exc:
+                if exc.txid is not None:
+                    raise
+                # A record SQL cannot read: fold every transaction, which names it.
+                return page(self._scan(every, (after_id or "",)), status, limit, since_ms)
 
         return await asyncio.to_thread(run)
 
