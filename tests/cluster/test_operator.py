@@ -12,6 +12,7 @@ import pytest
 
 from accord.cluster import ClusterClient, ClusterNode
 from accord.cluster.leases import read_status
+from accord.cluster.shards import shard_of
 from accord.core.machine import Outcome
 from accord.core.records import TxnStatus
 from accord.core.spec import BranchSpec, Op, Protocol, RetryPolicy, TransactionSpec
@@ -206,6 +207,38 @@ async def test_bad_requests_are_refused_before_anything_is_queued(
     with pytest.raises(ValueError, match=message):
         await client.operate(txid, action, reason)
     assert pg(f"SELECT count(*) FROM {client.schema}.operator_request") == [(0,)]
+
+
+async def test_retry_on_the_node_that_took_over_a_parked_transaction(schema: str) -> None:
+    """A transaction parked by node a, whose shard node b takes over after a
+    dies: b knows it is parked, so an operator's retry reopens it there and it
+    commits (before, b wrote the retry as a plain note and the run it resumed
+    could never write its end)."""
+    on_a, on_b = Scripted(), Scripted()
+    a = ClusterNode(PG_DSN, on_a, node_id="a", schema=schema, shards=SHARDS, ttl_s=2.0, poll_s=0.1)
+    b = ClusterNode(PG_DSN, on_b, node_id="b", schema=schema, shards=SHARDS, ttl_s=2.0, poll_s=0.1)
+    await a.start()
+    await b.start()
+    try:
+        deadline = time.monotonic() + 20
+        while len(a.owned()) + len(b.owned()) < SHARDS or len(a.owned()) == 0:
+            assert time.monotonic() < deadline, (a.owned(), b.owned())
+            await asyncio.sleep(0.05)
+        txid = next(t for t in (f"t-{i}" for i in range(1000)) if shard_of(t, SHARDS) in a.owned())
+        async with ClusterClient(PG_DSN, schema=schema) as client:
+            assert (await client.submit(spec(txid))).status is TxnStatus.NEEDS_ATTENTION
+            await a.kill()
+            while not (b.owns(range(SHARDS)) and set(b.owned().values()) == {"ready"}):
+                assert time.monotonic() < deadline + 30, b.owned()
+                await asyncio.sleep(0.05)
+            on_b.fixed = True
+            answered = await client.operate(txid, "retry", "fixed", timeout_s=20)
+            assert answered is not None and answered[0] in (200, 202), answered
+            await until(client, txid, TxnStatus.COMMITTED)
+            assert b.store.violations == []
+            assert await client.store.count_by_status() == {TxnStatus.COMMITTED: 1}
+    finally:
+        await b.close()
 
 
 async def test_a_request_no_node_answers_stays_queued(schema: str) -> None:

@@ -103,7 +103,7 @@ class Inbox:
             f"UPDATE {s}.operator_request SET answered_at = clock_timestamp(),"
             " answered_by = $2, code = $3, answer = $4::jsonb"
             f" WHERE id = $1 AND answered_at IS NULL AND EXISTS (SELECT 1 FROM {s}.shard_lease"
-            " WHERE shard = $5 AND token = $6 AND owner = $2 AND expires_at > now())"
+            " WHERE shard = $5 AND token = $6 AND owner = $2 AND expires_at > now() FOR SHARE)"
         )
         self._answer_of = f"SELECT code, answer FROM {s}.operator_request WHERE id = $1"
         self._take = (

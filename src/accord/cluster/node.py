@@ -75,6 +75,12 @@ log = logging.getLogger("accord.cluster")
 
 ANSWERED_MEMORY_S = 60.0
 
+
+def _is_terminal(state: dict[str, Any]) -> bool:
+    status = state.get("status")
+    return status is not None and TxnStatus(status).terminal
+
+
 _NOT_APPLICABLE = {
     "retry": "retry applies to a transaction in needs_attention or one with calls to retry",
     "abort": "abort applies to a transaction with no decision yet",
@@ -283,7 +289,7 @@ class ClusterNode:
             lease.state = LeaseState.DRAINING
         if drain:  # the lease loop keeps renewing meanwhile
             deadline = time.monotonic() + self.drain_s
-            while self.coordinator.in_flight and time.monotonic() < deadline:
+            while (self.coordinator.in_flight or self._acting) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
         self._open = False
         await self._cancel_tasks(keep_current=True)
@@ -513,6 +519,8 @@ class ClusterNode:
                 return
             try:
                 snaps = await self.store.load_active(shards=mine)
+                # Parked there meanwhile, maybe by another node: a retry reopens them.
+                await self.store.load_parked(shards=mine)
                 break
             except StoreError as exc:
                 log.warning("node %s: cannot read shards it acquired: %s", self.node, exc)
@@ -690,9 +698,12 @@ class ClusterNode:
             shard = shard_of(txid, self.shards)
             lease = self._leases.get(shard)
             answered = await self.operate(txid, action, reason)
-            if answered is not None and lease is not None:  # else: not this node's to answer now
-                if await self.inbox.answer(request_id, *answered, shard=shard, token=lease.token):
-                    self.stats.operator_requests += 1
+            if (
+                answered is not None  # else: not this node's to answer now
+                and lease is not None
+                and await self.inbox.answer(request_id, *answered, shard=shard, token=lease.token)
+            ):
+                self.stats.operator_requests += 1
                 self._answered[request_id] = time.monotonic() + ANSWERED_MEMORY_S
         except StoreError as exc:  # the request stays queued: tried again later
             log.warning("node %s: operator request %d: %s", self.node, request_id, exc)
@@ -745,7 +756,9 @@ class ClusterNode:
         state = await self._state_of(txid)
         if done is None:
             return 409, {"txid": txid, "action": action, **state, "error": refused}
-        if isinstance(done, TxnStatus) or (started is not None and started.done()):
+        if isinstance(done, TxnStatus) or (
+            started is not None and started.done() and _is_terminal(state)
+        ):
             return 200, {"txid": txid, "action": action, **state}
         return 202, {"txid": txid, "action": action, **state}
 

@@ -14,7 +14,7 @@ violation; used by stores that cannot read the log inside ``append``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -324,15 +324,6 @@ def matches(snap: TxnSnapshot, status: TxnStatus | None, since_ms: int | None) -
     return (status is None or snap.status is status) and (
         since_ms is None or snap.created_at_ms >= since_ms
     )
-
-
-def distinct(ids: Iterable[str]) -> Iterator[str]:
-    """``ids`` (sorted) without repeats."""
-    last = None
-    for txid in ids:
-        if txid != last:
-            yield txid
-            last = txid
 
 
 def count(snaps: Iterable[TxnSnapshot]) -> dict[TxnStatus, int]:

@@ -252,12 +252,6 @@ class PostgresStore(Store):
             " ORDER BY shard FOR SHARE"
         )
         self._take_inbox = f"DELETE FROM {s}.inbox WHERE txid = ANY($1::text[])"
-        # The ids of the transactions with an End record of a status ($3),
-        # after an id ($1), a page ($2) at a time.
-        self._ended_as = (
-            f"SELECT DISTINCT txid FROM {s}.log WHERE txid > $1 AND kind = 'end'"
-            " AND convert_from(body, 'UTF8')::jsonb ->> 'status' = $3 ORDER BY txid LIMIT $2"
-        )
         # Finished transactions counted by the status of their last End: not
         # open (txn_open: an operator's retry puts a parked one back) and with
         # no later End or operator's record (a resolve ends a parked
@@ -269,10 +263,19 @@ class PostgresStore(Store):
             f" AND txid NOT IN (SELECT txid FROM {s}.txn_open) GROUP BY 1"
         )
         # Finished transactions an operator had the last word on: folded to know.
-        self._operated = (
-            f"SELECT DISTINCT txid FROM {s}.log o WHERE kind = 'operator' AND txid > $1"
+        operated = (
+            f"SELECT txid FROM {s}.log o WHERE kind = 'operator' AND txid > $1"
             f" AND NOT EXISTS (SELECT 1 FROM {s}.log l WHERE l.txid = o.txid AND l.kind = 'end'"
-            f" AND l.seq > o.seq) AND txid NOT IN (SELECT txid FROM {s}.txn_open) ORDER BY txid"
+            f" AND l.seq > o.seq) AND txid NOT IN (SELECT txid FROM {s}.txn_open)"
+        )
+        self._operated = f"{operated} ORDER BY txid"
+        # The ids after $1 of the transactions that may have terminal status
+        # $3: those with an End of that status, and those an operator had the
+        # last word on; merged and paged ($2) by the database, in its order.
+        self._terminal_candidates = (
+            f"SELECT txid FROM (SELECT txid FROM {s}.log WHERE kind = 'end' AND txid > $1"
+            " AND convert_from(body, 'UTF8')::jsonb ->> 'status' = $3"
+            f" UNION {operated}) c ORDER BY txid LIMIT $2"
         )
         self._open_ids_after = f"SELECT txid FROM {s}.txn_open WHERE txid > $1 ORDER BY txid"
         self._records_of = (
@@ -308,7 +311,7 @@ class PostgresStore(Store):
             for snap in await self.load_active():
                 self._txns.open[snap.txid] = (snap.status, snap.decision)
         if self._refuse is None:
-            await self._load_parked()
+            await self.load_parked()
         self._loop = asyncio.get_running_loop()
         self._closed = False
 
@@ -356,10 +359,12 @@ class PostgresStore(Store):
         except (*_TRANSIENT, asyncpg.PostgresError) as exc:
             raise StoreError(f"schema {s}: cannot open the log: {exc}") from exc
 
-    async def _load_parked(self) -> None:
-        """Remember the transactions parked in needs_attention by earlier runs,
-        so that ``append`` can reopen them on an operator's retry without a read.
-        (Scans the end records of finished transactions once, in the server.)"""
+    async def load_parked(self, shards: Collection[int] | None = None) -> None:
+        """Remember the transactions parked in needs_attention (by earlier
+        runs, or by other nodes), so that ``append`` can reopen them on an
+        operator's retry without a read. With ``shards`` (cluster mode: the
+        shards a node just acquired) only theirs. (Scans the end records of
+        finished transactions, in the server.)"""
         s = self.schema
         sql = (
             f"SELECT {_ROWS} FROM {s}.log WHERE txid IN ("
@@ -371,7 +376,10 @@ class PostgresStore(Store):
         groups: dict[str, builtins.list[Any]] = {}
         for r in await self._fetch(sql):
             groups.setdefault(r[0], []).append(r)
+        fence = self._fence
         for txid, rows in groups.items():
+            if shards is not None and (fence is None or fence.shard_of(txid) not in shards):
+                continue
             try:
                 snap = fold_rows(rows)[0]
             except StoreError as exc:
@@ -793,12 +801,14 @@ class PostgresStore(Store):
 
     def forget(self, shards: Collection[int]) -> None:
         """Cluster mode: these shards are no longer this node's; what it knew
-        of their open transactions is stale from now on."""
+        of their open and parked transactions is stale from now on."""
         fence = self._fence
         if fence is None:
             return
         for txid in [t for t in self._txns.open if fence.shard_of(t) in shards]:
             del self._txns.open[txid]
+        for txid in [t for t in self._txns.parked if fence.shard_of(t) in shards]:
+            del self._txns.parked[txid]
 
     async def _settled(self) -> None:
         """Reads see every record appended before them (read your writes),
@@ -899,28 +909,7 @@ class PostgresStore(Store):
         an operator had the last word on (folding tells which really have it)."""
         if not status.terminal:
             return self._ids(f"{self._open_ids_after} LIMIT $2", after_id)
-        return self._ended_or_operated(status, after_id)
-
-    async def _ended_or_operated(
-        self, status: TxnStatus, after_id: str
-    ) -> AsyncGenerator[str, None]:
-        operated = [r[0] for r in await self._fetch(self._operated, after_id)]
-        ended = self._ids(self._ended_as, after_id, status.value)
-        last = None
-        i = 0
-        async for txid in ended:
-            while i < len(operated) and operated[i] <= txid:
-                if operated[i] != last:
-                    last = operated[i]
-                    yield last
-                i += 1
-            if txid != last:
-                last = txid
-                yield txid
-        for txid in operated[i:]:
-            if txid != last:
-                last = txid
-                yield txid
+        return self._ids(self._terminal_candidates, after_id, status.value)
 
     async def _ids(self, sql: str, after_id: str, *params: Any) -> AsyncGenerator[str, None]:
         """Run ``sql`` (taking the last id seen, a LIMIT, then ``params``) a page

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import heapq
 import itertools
 import os
 import sqlite3
@@ -44,7 +43,6 @@ from accord.log._rows import (
     FOLD_CHUNK,
     OpenTransactions,
     count,
-    distinct,
     fold_records,
     open_after,
     page,
@@ -79,15 +77,19 @@ _ENDED_COUNTS = (
     " AND txid NOT IN (SELECT txid FROM txn_open) GROUP BY 1"
 )
 # Finished transactions an operator had the last word on: folded to know.
-_OPERATED = (
-    "SELECT DISTINCT txid FROM log o WHERE kind = 'operator' AND txid > ?"
+_OPERATED_AFTER = (
+    "SELECT txid FROM log o WHERE kind = 'operator' AND txid > ?1"
     " AND NOT EXISTS (SELECT 1 FROM log l WHERE l.txid = o.txid AND l.kind = 'end'"
-    " AND l.seq > o.seq) AND txid NOT IN (SELECT txid FROM txn_open) ORDER BY txid"
+    " AND l.seq > o.seq) AND txid NOT IN (SELECT txid FROM txn_open)"
 )
-# The ids of the transactions with an End record of a status, after an id.
-_ENDED_AS = (
-    "SELECT DISTINCT txid FROM log WHERE txid > ? AND kind = 'end'"
-    " AND json_extract(CAST(body AS TEXT), '$.status') = ? ORDER BY txid LIMIT ?"
+_OPERATED = f"SELECT DISTINCT txid FROM ({_OPERATED_AFTER}) ORDER BY txid"
+# The ids after an id of the transactions that may have a terminal status:
+# those with an End of that status, and those an operator had the last word
+# on; merged (UNION: without repeats) and paged by the database.
+_TERMINAL_CANDIDATES = (  # ?1 the last id seen, ?2 the status, ?3 the page's size
+    "SELECT txid FROM (SELECT txid FROM log WHERE kind = 'end' AND txid > ?1"
+    " AND json_extract(CAST(body AS TEXT), '$.status') = ?2"
+    f" UNION {_OPERATED_AFTER}) ORDER BY txid LIMIT ?3"
 )
 _OPEN_IDS = "SELECT txid FROM txn_open WHERE txid > ? ORDER BY txid"
 _INSERT = "INSERT INTO log(txid, kind, at_ms, body) VALUES (?, ?, ?, ?)"
@@ -281,14 +283,7 @@ class SQLiteStore(Store):
         an operator had the last word on (folding tells which really have it)."""
         if not status.terminal:
             return self._ids(f"{_OPEN_IDS} LIMIT ?", after_id)
-        conn = self._connect()
-        try:
-            operated = [t for (t,) in conn.execute(_OPERATED, (after_id,))]
-        except sqlite3.Error as exc:
-            raise StoreError(f"{self.path}: cannot read the log: {exc}") from exc
-        finally:
-            conn.close()
-        return distinct(heapq.merge(self._ids(_ENDED_AS, after_id, status.value), operated))
+        return self._ids(_TERMINAL_CANDIDATES, after_id, status.value)
 
     def _ids(self, sql: str, after_id: str, *params: Any) -> Iterator[str]:
         """Run ``sql`` (taking the last id seen, ``params``, then a LIMIT) a page

@@ -7,9 +7,11 @@ Each call runs inside one local transaction, in this order:
 2. confirm / cancel / compensate: read the forward row (try / action) and
    the rival row (confirm for a cancel, cancel for a confirm), then
    :func:`decide`: run, record a null compensation, or reject;
-3. run the handler;
-4. store the own row with its final kind and result, and commit; or roll
-   the handler's work back (an exception, a refused confirm or cancel).
+3. claim the key with a ``pending`` own row (if step 1 did not) and run the
+   handler;
+4. give the own row its final kind and result, and commit; or roll the
+   handler's work and the claim back (an exception, a refused confirm or
+   cancel; a refused try or action is then recorded as refused).
 
 On PostgreSQL concurrent calls run side by side, so step 1 inserts the own
 row as ``pending`` first (the key's claim; a concurrent duplicate waits for
@@ -85,7 +87,8 @@ class BarrierError(AccordError):
 class Kind(StrEnum):
     """What a barrier row records (its ``kind`` column)."""
 
-    PENDING = "pending"  # written and overwritten inside one transaction, never committed
+    PENDING = "pending"  # the key's claim, overwritten in its transaction (committed only
+    # by a handler that commits on its own: later deliveries then fail loudly)
     APPLIED = "applied"  # the handler ran and its changes committed with this row
     REFUSED = "refused"  # the try / action handler raised Refusal; nothing applied
     NULL = "null"  # cancel / compensate with nothing to undo; the handler did not run
