@@ -784,15 +784,12 @@ class ClusterNode:
             self._forget_epoch(txid, token)
 
     async def _state_of(self, txid: str) -> dict[str, Any]:
-        live = self.coordinator.live(txid)
-        if live is not None:
-            decision = live.decision.value if live.decision is not None else None
-            return {"status": live.status.value, "decision": decision, "reason": live.reason}
-        snap = await self.store.get(txid)
-        if snap is None:
+        """The transaction's status, decision and reason: as driven here, or as logged."""
+        now: Any = self.coordinator.live(txid) or await self.store.get(txid)
+        if now is None:
             return {}
-        decision = snap.decision.value if snap.decision is not None else None
-        return {"status": snap.status.value, "decision": decision, "reason": snap.reason}
+        decision = now.decision.value if now.decision is not None else None
+        return {"status": now.status.value, "decision": decision, "reason": now.reason}
 
     def _ready_shards(self) -> list[int]:
         now = time.monotonic()
