@@ -223,9 +223,7 @@ class Inbox:
         queued: int = await self._call("cannot queue the operator's request", go)
         return queued
 
-    async def requests(
-        self, shards: Collection[int], limit: int
-    ) -> list[tuple[int, str, str, str]]:
+    async def requests(self, shards: Collection[int], limit: int) -> list[Request]:
         """Unanswered operator requests in these shards, oldest first:
         (id, txid, action, reason)."""
         if not shards or limit <= 0:
