@@ -88,4 +88,10 @@ def test_submit_status_and_verify_from_the_command_line(procs: Processes) -> Non
         "--services-url", procs.url, "--secret-file", str(procs.secret),
     )  # fmt: skip
     assert bad.returncode == 2 and "node id" in bad.stderr
+    bad = accord(
+        "cluster", "node", "--store", procs.store, "--node-id", "n9",
+        "--services-url", procs.url, "--secret-file", str(procs.secret),
+        "--ca-file", "/nonexistent/ca.pem",
+    )  # fmt: skip
+    assert bad.returncode == 2 and "/nonexistent/ca.pem: cannot read it" in bad.stderr
     assert procs.stop("solo") == 0, procs.log("solo")
