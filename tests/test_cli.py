@@ -302,6 +302,9 @@ def test_txn_show_unknown_id_is_a_clear_error(finished_run: tuple[Path, dict[str
         (["show", "x", "--data", "DIR"], "--data must be a directory of a demo run"),
         (["list"], "--data"),
         (["list", "--store", "bogus://x"], "bogus://x"),
+        (["purge", "--older-than-days", "0", "--data", "DIR"], "--older-than-days must be a"),
+        (["purge", "--older-than-days", "nan", "--data", "DIR"], "--older-than-days must be a"),
+        (["purge", "--older-than-days", "7", "--data", "DIR"], "--data must be a directory"),
     ],
 )
 def test_txn_bad_input_is_a_clear_error(args: list[str], words: str, tmp_path: Path) -> None:
@@ -311,6 +314,22 @@ def test_txn_bad_input_is_a_clear_error(args: list[str], words: str, tmp_path: P
     assert result.exit_code == 2, result.output
     assert words in message(result)
     assert tree(tmp_path) == []
+
+
+def test_txn_purge_deletes_finished_transactions_older_than_asked(tmp_path: Path) -> None:
+    """A fresh run's transactions are younger than a day: nothing purged; all
+    of them older than a few microseconds: every finished one purged."""
+    data = tmp_path / "run"
+    done = invoke("demo", "--orders", 30, "--fault-rate", 0, "--data", data, "--json")
+    assert done.exit_code == 0, done.output
+    kept = invoke("txn", "purge", "--data", data, "--older-than-days", 1, "--json")
+    assert kept.exit_code == 0, kept.output
+    assert json.loads(kept.stdout)["purged"] == 0
+    gone = invoke("txn", "purge", "--data", data, "--older-than-days", 1e-10, "--json")
+    assert gone.exit_code == 0, gone.output
+    assert json.loads(gone.stdout)["purged"] == 30
+    listed = invoke("txn", "list", "--data", data, "--json")
+    assert listed.exit_code == 0 and listed.stdout == ""
 
 
 def test_the_command_line_runs_on_uvloop() -> None:

@@ -407,6 +407,41 @@ async def test_counts_and_filtered_lists_agree_with_the_folded_log(
         assert [r.id for r in listed] == recent, status
 
 
+async def test_purge_deletes_only_transactions_that_ended_for_good_before_the_time(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """purge(before) deletes the committed and aborted transactions whose last
+    record is older than ``before`` (read in pages); open, parked and newer
+    ones stay; a purged id can begin again as a new transaction."""
+    for module in ("accord.log.sqlite", "accord.log.postgres"):
+        monkeypatch.setattr(f"{module}.FOLD_CHUNK", 2)
+    old, new = T0, T0 + 10_000
+    for n in range(3):
+        await write(store, begin(f"c{n}", at=old), decided(f"c{n}", Decision.COMMIT, at=old))
+        await write(store, ended(f"c{n}", TxnStatus.COMMITTED, at=old))
+        await write(store, begin(f"a{n}", at=old), decided(f"a{n}", Decision.ABORT, at=old))
+        await write(store, ended(f"a{n}", TxnStatus.ABORTED, at=old))
+    await write(store, begin("parked", at=old), decided("parked", Decision.COMMIT, at=old))
+    await write(store, ended("parked", TxnStatus.NEEDS_ATTENTION, at=old))
+    await write(store, begin("open", at=old), decided("open", Decision.COMMIT, at=old))
+    await write(store, begin("late", at=old), decided("late", Decision.ABORT, at=old))
+    await write(store, ended("late", TxnStatus.ABORTED, at=new))  # ended after the cut
+    assert await store.purge(new) == 6
+    assert sorted(s.txid for s in await store.snapshots()) == ["late", "open", "parked"]
+    assert await store.get("c0") is None
+    assert await store.count_by_status() == {
+        TxnStatus.NEEDS_ATTENTION: 1,
+        TxnStatus.COMMITTING: 1,
+        TxnStatus.ABORTED: 1,
+    }
+    assert await store.purge(new) == 0  # nothing left to purge
+    assert await write(store, begin("c0", at=new)) == frozenset()  # the id is free again
+    assert (await store.get("c0")).status is TxnStatus.PREPARING  # type: ignore[union-attr]
+    for bad in (0, -5, 1.5, True):
+        with pytest.raises(ValueError, match="before_ms"):
+            await store.purge(bad)  # type: ignore[arg-type]
+
+
 # ------------------------------------------------------------------ group commit
 
 

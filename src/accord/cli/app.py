@@ -494,6 +494,42 @@ def txn_list(
     out.print(table)
 
 
+@txn_app.command("purge")
+def txn_purge(
+    older_than_days: Annotated[
+        float,
+        typer.Option(
+            help="Delete committed and aborted transactions whose last record is older"
+            " than this many days (their ids can then be submitted again as new ones)."
+        ),
+    ],
+    data: Annotated[Path | None, typer.Option(help="Directory of a demo run.")] = None,
+    store: Annotated[str, typer.Option(help="Log URL (sqlite:///PATH, postgresql://...).")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Delete finished transactions from a log (open and needs_attention ones stay)."""
+    if not 0 < older_than_days <= 100_000:  # also false for NaN
+        _fail(f"--older-than-days must be a positive number of days, got {older_than_days}")
+    before_ms = int((time.time() - older_than_days * 86_400) * 1000)
+    log = _open_log(data, store)
+
+    async def go() -> int:
+        await log.open()
+        try:
+            return await log.purge(before_ms)
+        finally:
+            await log.close()
+
+    try:
+        purged = run(go())
+    except (AccordError, OSError) as exc:
+        _fail(str(exc))
+    if as_json:
+        sys.stdout.write(json.dumps({"purged": purged, "before_ms": before_ms}) + "\n")
+    else:
+        out.print(f"purged {purged} finished transactions last written before {before_ms} (ms)")
+
+
 @txn_app.command("show")
 def txn_show(
     txid: Annotated[str, typer.Argument(help="Transaction id.")],

@@ -57,6 +57,16 @@ class StoreStats:
         return self.records / self.batches if self.batches else 0.0
 
 
+PURGEABLE = frozenset({TxnStatus.COMMITTED, TxnStatus.ABORTED})
+"""The statuses :meth:`Store.purge` deletes (final: nothing changes them)."""
+
+
+def check_purge(before_ms: int) -> int:
+    if isinstance(before_ms, bool) or not isinstance(before_ms, int) or before_ms <= 0:
+        raise ValueError(f"before_ms must be a positive Unix time in ms, got {before_ms!r}")
+    return before_ms
+
+
 class Store(abc.ABC):
     """Intent log of global transactions.
 
@@ -111,6 +121,15 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def snapshots(self) -> builtins.list[TxnSnapshot]:
         """Every transaction in the log (for checkers and exports)."""
+
+    @abc.abstractmethod
+    async def purge(self, before_ms: int) -> int:
+        """Delete every record of the transactions that ended committed or
+        aborted with their last record before ``before_ms`` (Unix ms); returns
+        how many transactions. Open and needs_attention ones are kept. A
+        purged id is unknown afterwards: submitted again, it is a new
+        transaction, so purge only past the window in which clients may
+        resubmit (see docs/operations.md)."""
 
     @abc.abstractmethod
     def stats(self) -> StoreStats: ...

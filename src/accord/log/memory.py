@@ -20,7 +20,7 @@ from accord.core.records import (
     check_transition,
 )
 from accord.errors import StoreError
-from accord.log.base import Store, StoreStats, TxnRow
+from accord.log.base import PURGEABLE, Store, StoreStats, TxnRow, check_purge
 
 
 class MemoryStore(Store):
@@ -132,6 +132,17 @@ class MemoryStore(Store):
         for s in self._txns.values():
             counts[s.status] = counts.get(s.status, 0) + 1
         return counts
+
+    async def purge(self, before_ms: int) -> int:
+        check_purge(before_ms)
+        gone = [
+            txid
+            for txid, s in self._txns.items()
+            if s.status in PURGEABLE and s.updated_at_ms < before_ms
+        ]
+        for txid in gone:
+            del self._txns[txid]
+        return len(gone)
 
     async def snapshots(self) -> builtins.list[TxnSnapshot]:
         return [copy.deepcopy(s) for s in self._txns.values()]

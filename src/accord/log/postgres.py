@@ -89,7 +89,15 @@ from accord.log._rows import (
     record,
     with_rejected,
 )
-from accord.log.base import SCHEMA_VERSION, Fenced, Store, StoreStats, TxnRow
+from accord.log.base import (
+    PURGEABLE,
+    SCHEMA_VERSION,
+    Fenced,
+    Store,
+    StoreStats,
+    TxnRow,
+    check_purge,
+)
 
 log = logging.getLogger("accord.log")
 
@@ -278,6 +286,13 @@ class PostgresStore(Store):
             f" UNION {operated}) c ORDER BY txid LIMIT $2"
         )
         self._open_ids_after = f"SELECT txid FROM {s}.txn_open WHERE txid > $1 ORDER BY txid"
+        # Transactions not open whose last record is older than $2, after $1,
+        # a page ($3) at a time: the candidates of a purge.
+        self._purge_candidates = (
+            f"SELECT txid FROM {s}.log WHERE txid > $1"
+            f" AND txid NOT IN (SELECT txid FROM {s}.txn_open)"
+            " GROUP BY txid HAVING max(at_ms) < $2 ORDER BY txid LIMIT $3"
+        )
         self._records_of = (
             f"SELECT {_ROWS} FROM {s}.log WHERE txid = ANY($1::text[]) ORDER BY txid, seq"
         )
@@ -943,6 +958,37 @@ class PostgresStore(Store):
                 yield snap
         finally:
             await scan.aclose()
+
+    async def purge(self, before_ms: int) -> int:
+        """See :meth:`Store.purge`: a page of candidates at a time, folded, then
+        the committed and aborted ones deleted in one PostgreSQL transaction
+        (a cluster's too: finished transactions are never written again)."""
+        check_purge(before_ms)
+        await self._settled()
+        if self._pool is None:
+            raise StoreError("log is closed")
+        purged, after = 0, ""
+        while True:
+            try:
+                async with self._pool.acquire() as conn, conn.transaction():
+                    rows = await conn.fetch(self._purge_candidates, after, before_ms, FOLD_CHUNK)
+                    ids = [r[0] for r in rows]
+                    records = await conn.fetch(self._records_of, ids) if ids else []
+                    gone = [
+                        snap.txid
+                        for snap in fold_rows(records)
+                        if snap.status in PURGEABLE and snap.updated_at_ms < before_ms
+                    ]
+                    if gone:
+                        await conn.execute(
+                            f"DELETE FROM {self.schema}.log WHERE txid = ANY($1::text[])", gone
+                        )
+            except (*_TRANSIENT, asyncpg.PostgresError) as exc:
+                raise StoreError(f"schema {self.schema}: cannot purge the log: {exc}") from exc
+            purged += len(gone)
+            if len(ids) < FOLD_CHUNK:
+                return purged
+            after = ids[-1]
 
     async def snapshots(self) -> builtins.list[TxnSnapshot]:
         await self._settled()

@@ -49,7 +49,14 @@ from accord.log._rows import (
     record,
     with_rejected,
 )
-from accord.log.base import SCHEMA_VERSION, Store, StoreStats, TxnRow
+from accord.log.base import (
+    PURGEABLE,
+    SCHEMA_VERSION,
+    Store,
+    StoreStats,
+    TxnRow,
+    check_purge,
+)
 from accord.log.groupcommit import LoopCommitter
 
 _MIGRATIONS: dict[int, str] = {
@@ -92,6 +99,12 @@ _TERMINAL_CANDIDATES = (  # ?1 the last id seen, ?2 the status, ?3 the page's si
     f" UNION {_OPERATED_AFTER}) ORDER BY txid LIMIT ?3"
 )
 _OPEN_IDS = "SELECT txid FROM txn_open WHERE txid > ? ORDER BY txid"
+# Transactions not open whose last record is older than a time, a page at a
+# time: the candidates of a purge (folding tells which ended for good).
+_PURGE_CANDIDATES = (
+    "SELECT txid FROM log WHERE txid > ? AND txid NOT IN (SELECT txid FROM txn_open)"
+    " GROUP BY txid HAVING max(at_ms) < ? ORDER BY txid LIMIT ?"
+)
 _INSERT = "INSERT INTO log(txid, kind, at_ms, body) VALUES (?, ?, ?, ?)"
 _OPEN = "INSERT INTO txn_open(txid) VALUES (?)"
 _CLOSE = "DELETE FROM txn_open WHERE txid = ?"
@@ -320,6 +333,40 @@ class SQLiteStore(Store):
                 " ORDER BY txid, seq",
                 chunk,
             )
+
+    async def purge(self, before_ms: int) -> int:
+        check_purge(before_ms)
+        await self._settled()
+        return await asyncio.to_thread(self._purge, before_ms)
+
+    def _purge(self, before_ms: int) -> int:
+        """A page of candidates at a time: folded, then the committed and
+        aborted ones deleted in one write transaction."""
+        purged, after = 0, ""
+        while True:
+            conn = self._connect()
+            try:
+                ids = [
+                    t for (t,) in conn.execute(_PURGE_CANDIDATES, (after, before_ms, FOLD_CHUNK))
+                ]
+                gone = [
+                    snap.txid
+                    for snap in self._fold_on(conn, iter(ids))
+                    if snap.status in PURGEABLE and snap.updated_at_ms < before_ms
+                ]
+                if gone:
+                    marks = ",".join("?" * len(gone))
+                    conn.execute("BEGIN IMMEDIATE")
+                    conn.execute(f"DELETE FROM log WHERE txid IN ({marks})", gone)
+                    conn.execute("COMMIT")
+                    purged += len(gone)
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: cannot purge the log: {exc}") from exc
+            finally:
+                conn.close()
+            if len(ids) < FOLD_CHUNK:
+                return purged
+            after = ids[-1]
 
     async def snapshots(self) -> builtins.list[TxnSnapshot]:
         await self._settled()
