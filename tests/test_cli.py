@@ -304,6 +304,7 @@ def test_txn_show_unknown_id_is_a_clear_error(finished_run: tuple[Path, dict[str
         (["list", "--store", "bogus://x"], "bogus://x"),
         (["purge", "--older-than-days", "0", "--data", "DIR"], "--older-than-days must be a"),
         (["purge", "--older-than-days", "nan", "--data", "DIR"], "--older-than-days must be a"),
+        (["purge", "--older-than-days", "50000", "--data", "DIR"], "reaches back before 1970"),
         (["purge", "--older-than-days", "7", "--data", "DIR"], "--data must be a directory"),
     ],
 )

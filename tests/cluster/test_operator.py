@@ -16,6 +16,7 @@ from accord.cluster.shards import shard_of
 from accord.core.machine import Outcome
 from accord.core.records import TxnStatus
 from accord.core.spec import BranchSpec, Op, Protocol, RetryPolicy, TransactionSpec
+from accord.errors import TransactionNotFound
 from accord.transport.base import Call, Reply, Transport
 
 from .db import PG_DSN, pg
@@ -239,6 +240,22 @@ async def test_retry_on_the_node_that_took_over_a_parked_transaction(schema: str
             assert await client.store.count_by_status() == {TxnStatus.COMMITTED: 1}
     finally:
         await b.close()
+
+
+async def test_waiting_for_a_purged_transaction_fails_instead_of_hanging(
+    cluster: tuple[ClusterNode, ClusterClient, Scripted],
+) -> None:
+    """An id in neither the log nor the inbox (purged, or never submitted):
+    waiting for its result raises TransactionNotFound rather than waiting forever."""
+    _, client, participants = cluster
+    participants.fixed = True
+    done = spec("t-purged")
+    assert (await client.submit(done)).status is TxnStatus.COMMITTED
+    assert await client.store.purge(int(time.time() * 1000) + 1) == 1
+    with pytest.raises(TransactionNotFound, match="neither in the log nor in the inbox"):
+        await client.result(done, timeout_s=10)
+    with pytest.raises(TransactionNotFound):
+        await client.result(spec("t-never-submitted"), timeout_s=10)
 
 
 async def test_a_request_no_node_answers_stays_queued(schema: str) -> None:

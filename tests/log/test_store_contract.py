@@ -849,6 +849,29 @@ async def test_counting_or_listing_past_a_corrupted_end_record_names_its_transac
         await store.close()
 
 
+@pytest.mark.durable
+async def test_purge_leaves_an_unreadable_transaction_and_goes_on(
+    backend: Backend, store: Store
+) -> None:
+    """A transaction whose records do not hold together is left alone by a
+    purge (with a warning), which purges the others all the same."""
+    assert backend.corrupt is not None
+    for txid in ("a-good", "bad-1", "z-good"):
+        await write(store, begin(txid), decided(txid, Decision.ABORT))
+        await write(store, ended(txid, TxnStatus.ABORTED))
+    await store.close()
+    backend.corrupt("bad-1", "decided", b"garbage")
+    store = backend.make()
+    await store.open()
+    try:
+        assert await store.purge(T0 + 10_000) == 2
+        assert await store.get("a-good") is None and await store.get("z-good") is None
+        with pytest.raises(StoreError, match="bad-1"):
+            await store.get("bad-1")
+    finally:
+        await store.close()
+
+
 # ------------------------------------------------------------------ backend specifics
 
 

@@ -511,6 +511,8 @@ def txn_purge(
     if not 0 < older_than_days <= 100_000:  # also false for NaN
         _fail(f"--older-than-days must be a positive number of days, got {older_than_days}")
     before_ms = int((time.time() - older_than_days * 86_400) * 1000)
+    if before_ms <= 0:
+        _fail(f"--older-than-days {older_than_days:g} reaches back before 1970")
     log = _open_log(data, store)
 
     async def go() -> int:
@@ -522,7 +524,7 @@ def txn_purge(
 
     try:
         purged = run(go())
-    except (AccordError, OSError) as exc:
+    except (AccordError, OSError, ValueError) as exc:
         _fail(str(exc))
     if as_json:
         sys.stdout.write(json.dumps({"purged": purged, "before_ms": before_ms}) + "\n")

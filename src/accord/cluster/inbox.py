@@ -46,7 +46,13 @@ from accord.cluster.leases import _TRANSIENT, check_schema, inbox_channel
 from accord.cluster.shards import shard_of
 from accord.coordinator import TxnResult
 from accord.core.spec import MAX_ID_LENGTH, TransactionSpec
-from accord.errors import AccordError, DuplicateTransaction, InvalidTransaction, StoreError
+from accord.errors import (
+    AccordError,
+    DuplicateTransaction,
+    InvalidTransaction,
+    StoreError,
+    TransactionNotFound,
+)
 from accord.log.postgres import PostgresStore
 
 _encode = msgspec.json.Encoder().encode
@@ -208,6 +214,15 @@ class Inbox:
         taken: list[tuple[str, bytes]] = await self._call("cannot read the inbox", go)
         return taken
 
+    async def waiting(self, txid: str) -> bool:
+        """Whether ``txid`` waits in the inbox for its shard's owner."""
+
+        async def go(conn: Any) -> bool:
+            return bool(await conn.fetch(self._waiting, [txid]))
+
+        found: bool = await self._call("cannot read the inbox", go)
+        return found
+
     async def request(self, txid: str, action: str, reason: str) -> int:
         """Queue an operator's ``action`` on ``txid`` (durably); its id."""
         if action not in OPERATOR_ACTIONS:
@@ -276,15 +291,32 @@ def _conflict(txid: str) -> DuplicateTransaction:
 
 
 async def outcome(
-    store: PostgresStore, spec: TransactionSpec, *, timeout_s: float | None = None
+    store: PostgresStore,
+    spec: TransactionSpec,
+    *,
+    timeout_s: float | None = None,
+    inbox: Inbox | None = None,
 ) -> TxnResult:
-    """Wait until ``spec``'s transaction is terminal in the log, polling."""
+    """Wait until ``spec``'s transaction is terminal in the log, polling.
+
+    With ``inbox``, an id found neither in the log nor waiting in the inbox
+    (the Begin's batch moves it from one to the other atomically, so that
+    means it was purged, or never accepted) raises TransactionNotFound
+    instead of waiting forever."""
     started = time.monotonic()
     delay = 0.02
     want = spec_bytes(spec)
     while True:
         try:
             snap = await store.get(spec.id)
+            if snap is None and inbox is not None and not await inbox.waiting(spec.id):
+                snap = await store.get(spec.id)  # begun between the two reads?
+                if snap is None:
+                    raise TransactionNotFound(
+                        f"transaction {spec.id!r} is neither in the log nor in the inbox"
+                        " (purged, or never accepted): submit it again",
+                        txid=spec.id,
+                    )
         except StoreError as exc:
             if exc.txid is not None:  # its records do not hold together: no outcome to wait for
                 raise
@@ -353,7 +385,7 @@ class ClusterClient:
         return await self.result(spec)
 
     async def result(self, spec: TransactionSpec, *, timeout_s: float | None = None) -> TxnResult:
-        return await outcome(self.store, spec, timeout_s=timeout_s)
+        return await outcome(self.store, spec, timeout_s=timeout_s, inbox=self.inbox)
 
     async def operate(
         self, txid: str, action: str, reason: str, *, timeout_s: float = 30.0

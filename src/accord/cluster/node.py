@@ -413,7 +413,7 @@ class ClusterNode:
     async def _forward(self, spec: TransactionSpec) -> asyncio.Future[TxnResult]:
         await self.inbox.put([spec])
         self.stats.forwarded += 1
-        return self._spawn(outcome(self.store, spec), "outcome")
+        return self._spawn(outcome(self.store, spec, inbox=self.inbox), "outcome")
 
     def _track(self, txid: str, shard: int, token: int, fut: asyncio.Future[TxnResult]) -> None:
         self._driving.setdefault(shard, set()).add(txid)

@@ -14,6 +14,7 @@ violation; used by stores that cannot read the log inside ``append``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -37,6 +38,7 @@ from accord.core.spec import Op, TransactionSpec
 from accord.errors import InvalidTransaction, StoreError
 from accord.log.base import TxnRow
 
+_log = logging.getLogger("accord.log")
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
 
@@ -141,6 +143,8 @@ class OpenTransactions:
             status = TxnStatus.COMMITTING if decision is Decision.COMMIT else TxnStatus.ABORTING
             self.open[txid] = (status, decision)
             return Reopen(row(record))
+        if parked and record.action == "resolve":
+            self.parked.pop(txid, None)  # it ends with this record
         return row(record)
 
 
@@ -331,6 +335,22 @@ def count(snaps: Iterable[TxnSnapshot]) -> dict[TxnStatus, int]:
     for snap in snaps:
         counts[snap.status] = counts.get(snap.status, 0) + 1
     return counts
+
+
+def fold_readable(rows: Iterable[Sequence[Any]]) -> list[TxnSnapshot]:
+    """The snapshots of (txid, kind, at_ms, body) rows (each transaction's in
+    seq order), leaving out, with a warning, a transaction whose records do
+    not hold together (for maintenance that must not stop at one)."""
+    groups: dict[str, list[Sequence[Any]]] = {}
+    for r in rows:
+        groups.setdefault(r[0], []).append(r)
+    snaps = []
+    for txid, of_txid in groups.items():
+        try:
+            snaps += fold_rows(of_txid)
+        except StoreError as exc:
+            _log.warning("log of %r is unreadable, left alone: %s", txid, exc)
+    return snaps
 
 
 def fold_rows(rows: Iterable[Sequence[Any]]) -> list[TxnSnapshot]:

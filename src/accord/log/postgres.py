@@ -82,6 +82,7 @@ from accord.log._rows import (
     Reopen,
     count,
     filter_batch,
+    fold_readable,
     fold_records,
     fold_rows,
     matches,
@@ -271,19 +272,20 @@ class PostgresStore(Store):
             f" AND txid NOT IN (SELECT txid FROM {s}.txn_open) GROUP BY 1"
         )
         # Finished transactions an operator had the last word on: folded to know.
-        operated = (
-            f"SELECT txid FROM {s}.log o WHERE kind = 'operator' AND txid > $1"
+        self._operated = (
+            f"SELECT DISTINCT txid FROM {s}.log o WHERE kind = 'operator' AND txid > $1"
             f" AND NOT EXISTS (SELECT 1 FROM {s}.log l WHERE l.txid = o.txid AND l.kind = 'end'"
-            f" AND l.seq > o.seq) AND txid NOT IN (SELECT txid FROM {s}.txn_open)"
+            f" AND l.seq > o.seq) AND txid NOT IN (SELECT txid FROM {s}.txn_open) ORDER BY txid"
         )
-        self._operated = f"{operated} ORDER BY txid"
-        # The ids after $1 of the transactions that may have terminal status
-        # $3: those with an End of that status, and those an operator had the
-        # last word on; merged and paged ($2) by the database, in its order.
+        # A page ($2) of the ids after $1 of the transactions that may have
+        # terminal status $3: those with an End of that status, merged with
+        # those an operator had the last word on ($4, read once per listing),
+        # each side limited before the merge, all in the database's order.
         self._terminal_candidates = (
-            f"SELECT txid FROM (SELECT txid FROM {s}.log WHERE kind = 'end' AND txid > $1"
-            " AND convert_from(body, 'UTF8')::jsonb ->> 'status' = $3"
-            f" UNION {operated}) c ORDER BY txid LIMIT $2"
+            f"(SELECT DISTINCT txid FROM {s}.log WHERE kind = 'end' AND txid > $1"
+            " AND convert_from(body, 'UTF8')::jsonb ->> 'status' = $3 ORDER BY txid LIMIT $2)"
+            " UNION (SELECT t FROM unnest($4::text[]) AS t WHERE t > $1 ORDER BY t LIMIT $2)"
+            " ORDER BY 1 LIMIT $2"
         )
         self._open_ids_after = f"SELECT txid FROM {s}.txn_open WHERE txid > $1 ORDER BY txid"
         # Transactions not open whose last record is older than $2, after $1,
@@ -388,21 +390,17 @@ class PostgresStore(Store):
             f"  AND NOT EXISTS (SELECT 1 FROM {s}.txn_open o WHERE o.txid = e.txid))"
             " ORDER BY seq"
         )
-        groups: dict[str, builtins.list[Any]] = {}
-        for r in await self._fetch(sql):
-            groups.setdefault(r[0], []).append(r)
+        # An unreadable one is reported when it is read; not reopenable meanwhile.
+        snaps = fold_readable(await self._fetch(sql))
         fence = self._fence
-        for txid, rows in groups.items():
-            if shards is not None and (fence is None or fence.shard_of(txid) not in shards):
-                continue
-            try:
-                snap = fold_rows(rows)[0]
-            except StoreError as exc:
-                # Unreadable: reported when it is read; not reopenable meanwhile.
-                log.warning("log of %r is unreadable: %s", txid, exc)
+        if shards is not None and fence is not None:  # what it knew of them may be stale
+            for txid in [t for t in self._txns.parked if fence.shard_of(t) in shards]:
+                del self._txns.parked[txid]
+        for snap in snaps:
+            if shards is not None and (fence is None or fence.shard_of(snap.txid) not in shards):
                 continue
             if snap.status is TxnStatus.NEEDS_ATTENTION:
-                self._txns.parked[txid] = snap.decision
+                self._txns.parked[snap.txid] = snap.decision
 
     async def close(self) -> None:
         """Write what is pending (unless the store has failed), then close the pool."""
@@ -924,7 +922,12 @@ class PostgresStore(Store):
         an operator had the last word on (folding tells which really have it)."""
         if not status.terminal:
             return self._ids(f"{self._open_ids_after} LIMIT $2", after_id)
-        return self._ids(self._terminal_candidates, after_id, status.value)
+        return self._terminal_ids(status, after_id)
+
+    async def _terminal_ids(self, status: TxnStatus, after_id: str) -> AsyncGenerator[str, None]:
+        operated = [r[0] for r in await self._fetch(self._operated, after_id)]
+        async for txid in self._ids(self._terminal_candidates, after_id, status.value, operated):
+            yield txid
 
     async def _ids(self, sql: str, after_id: str, *params: Any) -> AsyncGenerator[str, None]:
         """Run ``sql`` (taking the last id seen, a LIMIT, then ``params``) a page
@@ -976,7 +979,7 @@ class PostgresStore(Store):
                     records = await conn.fetch(self._records_of, ids) if ids else []
                     gone = [
                         snap.txid
-                        for snap in fold_rows(records)
+                        for snap in fold_readable(records)
                         if snap.status in PURGEABLE and snap.updated_at_ms < before_ms
                     ]
                     if gone:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import heapq
 import itertools
 import os
 import sqlite3
@@ -43,6 +44,7 @@ from accord.log._rows import (
     FOLD_CHUNK,
     OpenTransactions,
     count,
+    fold_readable,
     fold_records,
     open_after,
     page,
@@ -90,13 +92,11 @@ _OPERATED_AFTER = (
     " AND l.seq > o.seq) AND txid NOT IN (SELECT txid FROM txn_open)"
 )
 _OPERATED = f"SELECT DISTINCT txid FROM ({_OPERATED_AFTER}) ORDER BY txid"
-# The ids after an id of the transactions that may have a terminal status:
-# those with an End of that status, and those an operator had the last word
-# on; merged (UNION: without repeats) and paged by the database.
-_TERMINAL_CANDIDATES = (  # ?1 the last id seen, ?2 the status, ?3 the page's size
-    "SELECT txid FROM (SELECT txid FROM log WHERE kind = 'end' AND txid > ?1"
-    " AND json_extract(CAST(body AS TEXT), '$.status') = ?2"
-    f" UNION {_OPERATED_AFTER}) ORDER BY txid LIMIT ?3"
+# The ids of the transactions with an End record of a status, after an id, a
+# page at a time (the index on txid gives them in order: no sort).
+_ENDED_AS = (
+    "SELECT DISTINCT txid FROM log WHERE txid > ? AND kind = 'end'"
+    " AND json_extract(CAST(body AS TEXT), '$.status') = ? ORDER BY txid LIMIT ?"
 )
 _OPEN_IDS = "SELECT txid FROM txn_open WHERE txid > ? ORDER BY txid"
 # Transactions not open whose last record is older than a time, a page at a
@@ -296,7 +296,16 @@ class SQLiteStore(Store):
         an operator had the last word on (folding tells which really have it)."""
         if not status.terminal:
             return self._ids(f"{_OPEN_IDS} LIMIT ?", after_id)
-        return self._ids(_TERMINAL_CANDIDATES, after_id, status.value)
+        conn = self._connect()
+        try:
+            operated = [t for (t,) in conn.execute(_OPERATED, (after_id,))]
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot read the log: {exc}") from exc
+        finally:
+            conn.close()
+        # Both sorted in SQLite's (binary) order, which is Python's.
+        ended = self._ids(_ENDED_AS, after_id, status.value)
+        return _distinct(heapq.merge(ended, operated))
 
     def _ids(self, sql: str, after_id: str, *params: Any) -> Iterator[str]:
         """Run ``sql`` (taking the last id seen, ``params``, then a LIMIT) a page
@@ -349,15 +358,21 @@ class SQLiteStore(Store):
                 ids = [
                     t for (t,) in conn.execute(_PURGE_CANDIDATES, (after, before_ms, FOLD_CHUNK))
                 ]
+                marks = ",".join("?" * len(ids))
+                records = conn.execute(
+                    f"SELECT txid, kind, at_ms, body FROM log WHERE txid IN ({marks})"
+                    " ORDER BY txid, seq",
+                    ids,
+                ).fetchall()
                 gone = [
                     snap.txid
-                    for snap in self._fold_on(conn, iter(ids))
+                    for snap in fold_readable(records)
                     if snap.status in PURGEABLE and snap.updated_at_ms < before_ms
                 ]
                 if gone:
-                    marks = ",".join("?" * len(gone))
+                    doomed = ",".join("?" * len(gone))
                     conn.execute("BEGIN IMMEDIATE")
-                    conn.execute(f"DELETE FROM log WHERE txid IN ({marks})", gone)
+                    conn.execute(f"DELETE FROM log WHERE txid IN ({doomed})", gone)
                     conn.execute("COMMIT")
                     purged += len(gone)
             except sqlite3.Error as exc:
@@ -410,6 +425,15 @@ class SQLiteStore(Store):
                 yield fold_records(current or "", records)
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot read the log: {exc}") from exc
+
+
+def _distinct(ids: Iterable[str]) -> Iterator[str]:
+    """Sorted ``ids`` without repeats."""
+    last = None
+    for txid in ids:
+        if txid != last:
+            yield txid
+            last = txid
 
 
 def _write_batch(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> frozenset[str]:
