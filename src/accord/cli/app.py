@@ -7,8 +7,9 @@ import gc
 import json
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 import uvicorn
@@ -21,7 +22,7 @@ from accord.cli import remote
 from accord.cli._loop import run
 from accord.cli._options import CaFileOption, ClientCertOption
 from accord.cli.cluster import cluster_app
-from accord.core.records import TxnStatus
+from accord.core.records import BranchSummary, TxnStatus
 from accord.errors import AccordError
 from accord.log import MemoryStore, Store, open_store
 from accord.observability import tracing_from_env
@@ -54,7 +55,7 @@ err = Console(stderr=True)
 out = Console()
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     err.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(2)
 
@@ -425,6 +426,22 @@ def _open_log(data: Path | None, store: str) -> Store:
     return opened
 
 
+T = TypeVar("T")
+
+
+def _on_log(log: Store, read: Callable[[Store], Awaitable[T]]) -> T:
+    """Open ``log``, run ``read`` on it, close it."""
+
+    async def go() -> T:
+        await log.open()
+        try:
+            return await read(log)
+        finally:
+            await log.close()
+
+    return run(go())
+
+
 @txn_app.command("list")
 def txn_list(
     data: Annotated[Path | None, typer.Option(help="Directory of a demo run.")] = None,
@@ -455,16 +472,7 @@ def txn_list(
             _fail(f"--state must be one of {', '.join(s.value for s in TxnStatus)}")
     if not 1 <= limit <= 100_000:
         _fail("--limit must be between 1 and 100000")
-    log = _open_log(data, store)
-
-    async def go() -> list[Any]:
-        await log.open()
-        try:
-            return await log.list(status, limit, after or None)
-        finally:
-            await log.close()
-
-    rows = run(go())
+    rows = _on_log(_open_log(data, store), lambda log: log.list(status, limit, after or None))
     if as_json:
         for r in rows:
             sys.stdout.write(
@@ -514,16 +522,8 @@ def txn_purge(
     if before_ms <= 0:
         _fail(f"--older-than-days {older_than_days:g} reaches back before 1970")
     log = _open_log(data, store)
-
-    async def go() -> int:
-        await log.open()
-        try:
-            return await log.purge(before_ms)
-        finally:
-            await log.close()
-
     try:
-        purged = run(go())
+        purged = _on_log(log, lambda log: log.purge(before_ms))
     except (AccordError, OSError, ValueError) as exc:
         _fail(str(exc))
     if as_json:
@@ -546,19 +546,10 @@ def txn_show(
     if url:
         remote.show_remote(url, token, token_file, txid, as_json=as_json)
         return
-    log = _open_log(data, store)
-
-    async def go() -> Any:
-        await log.open()
-        try:
-            return await log.get(txid)
-        finally:
-            await log.close()
-
-    snap = run(go())
+    snap = _on_log(_open_log(data, store), lambda log: log.get(txid))
     if snap is None:
         _fail(f"no transaction {txid!r} in this log")
-    detail = {
+    detail: dict[str, Any] = {
         "id": snap.txid,
         "protocol": snap.spec.protocol.value,
         "status": snap.status.value,
@@ -582,7 +573,7 @@ def txn_show(
             )
             for b, s in zip(
                 snap.spec.branches,
-                list(snap.branches) or [None] * len(snap.spec.branches),
+                list[BranchSummary | None](snap.branches) or [None] * len(snap.spec.branches),
                 strict=True,
             )
         ],
