@@ -45,12 +45,11 @@ from typing import Any
 import aiohttp
 import httpx
 import uvloop
-from pyreqwest.client import ClientBuilder
 
 from accord.core.machine import Outcome
 from accord.core.spec import Op
 from accord.transport.base import Call
-from accord.transport.http import HttpTransport
+from accord.transport.http import HttpTransport, client_builder
 
 BODY = (
     b'{"txid":"bench-0001","branch":"payment","op":"try",'
@@ -173,19 +172,8 @@ async def run_httpx(url: str, seconds: float, in_flight: int) -> dict[str, float
 async def _run_pyreqwest(
     url: str, seconds: float, in_flight: int, *, multithreaded: bool
 ) -> dict[str, float]:
-    client = (
-        ClientBuilder()
-        .runtime_multithreaded(multithreaded)
-        .max_connections(in_flight)
-        .follow_redirects(False)
-        .error_for_status(False)
-        .no_proxy()
-        .gzip(False)
-        .brotli(False)
-        .zstd(False)
-        .deflate(False)
-        .build()
-    )
+    # Configured as HttpTransport configures its client.
+    client = client_builder(in_flight).runtime_multithreaded(multithreaded).build()
     timeout = timedelta(seconds=30)
 
     async def send() -> None:

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import asyncpg
+from throughput import drop_schema
 
 from accord.core.records import TxnStatus
 from accord.log import PostgresStore, SQLiteStore, Store
@@ -66,14 +66,6 @@ async def measure(name: str, store: Store) -> None:
         await store.close()
 
 
-async def drop(dsn: str, schema: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-    finally:
-        await conn.close()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--orders", type=int, default=20_000)
@@ -88,7 +80,7 @@ def main() -> None:
                 fill(args.orders, Path(tmp) / "pg", f"{args.pg}?schema={schema}")
                 asyncio.run(measure("PostgreSQL", PostgresStore(args.pg, schema=schema)))
             finally:
-                asyncio.run(drop(args.pg, schema))
+                asyncio.run(drop_schema(args.pg, schema))
     print(f"{args.orders} transactions in the log")
 
 

@@ -253,32 +253,12 @@ class HttpTransport(Transport):
     def _open(self) -> Client:
         """The pooled client, configured so that nothing but the call decides
         what is sent or how a reply is read."""
-        builder = ClientBuilder()
+        builder = client_builder(self._max_connections)
         for root in self._roots:
             builder = builder.add_root_certificate_pem(root)
         if self._identity is not None:
             builder = builder.identity_pem(self._identity)
-        self._client = (
-            builder.max_connections(self._max_connections)
-            # Idle connections kept per participant: no more than may be busy.
-            .pool_max_idle_per_host(self._max_connections)
-            # Participants' redirects, error statuses and cookies are answers to map,
-            # not to act on, and must not leak from one call (or participant) to the next.
-            .follow_redirects(False)
-            .error_for_status(False)
-            .default_cookie_store(False)
-            .referer(False)
-            # reqwest takes HTTP(S)_PROXY from the environment by default: calls to
-            # participants go straight to them.
-            .no_proxy()
-            # Nothing is decompressed (nor is compression offered): a reply is
-            # read and bounded as it came off the wire.
-            .gzip(False)
-            .brotli(False)
-            .zstd(False)
-            .deflate(False)
-            .build()
-        )
+        self._client = builder.build()
         return self._client
 
     def _timeout(self, timeout_s: float) -> datetime.timedelta | None:
@@ -370,6 +350,32 @@ class TlsFiles(TypedDict, total=False):
 
     ca_pem: bytes
     identity_pem: bytes
+
+
+def client_builder(max_connections: int) -> ClientBuilder:
+    """A pyreqwest client configured so that nothing but the call decides what
+    is sent or how a reply is read (the transport's; benches build the same)."""
+    return (
+        ClientBuilder()
+        .max_connections(max_connections)
+        # Idle connections kept per participant: no more than may be busy.
+        .pool_max_idle_per_host(max_connections)
+        # Participants' redirects, error statuses and cookies are answers to map,
+        # not to act on, and must not leak from one call (or participant) to the next.
+        .follow_redirects(False)
+        .error_for_status(False)
+        .default_cookie_store(False)
+        .referer(False)
+        # reqwest takes HTTP(S)_PROXY from the environment by default: calls to
+        # participants go straight to them.
+        .no_proxy()
+        # Nothing is decompressed (nor is compression offered): a reply is
+        # read and bounded as it came off the wire.
+        .gzip(False)
+        .brotli(False)
+        .zstd(False)
+        .deflate(False)
+    )
 
 
 def read_tls(ca_file: str | None = None, identity_file: str | None = None) -> TlsFiles:
