@@ -184,6 +184,15 @@ async def store(backend: Backend) -> AsyncIterator[Store]:
     await s.close()
 
 
+async def corrupted(backend: Backend, store: Store, txid: str, kind: str, body: bytes) -> Store:
+    """Close ``store``, overwrite ``txid``'s ``kind`` record with ``body``; a new
+    store over the same data, not opened."""
+    assert backend.corrupt is not None
+    await store.close()
+    backend.corrupt(txid, kind, body)
+    return backend.make()
+
+
 async def reopen(backend: Backend, store: Store) -> Store:
     await store.close()
     fresh = backend.make()
@@ -808,9 +817,7 @@ async def test_a_corrupted_record_fails_loudly_naming_the_transaction(
         decided("bad-1", Decision.COMMIT),
         attempted("bad-1", 0, Op.CONFIRM, 1, T0 + 5),
     )
-    await store.close()
-    backend.corrupt("bad-1", kind, body)
-    store = backend.make()
+    store = await corrupted(backend, store, "bad-1", kind, body)
     with pytest.raises(StoreError, match="bad-1") as info:
         await store.open()  # open reads the active transactions
     assert info.value.txid == "bad-1"
@@ -835,9 +842,7 @@ async def test_counting_or_listing_past_a_corrupted_end_record_names_its_transac
         decided("bad-1", Decision.ABORT),
         ended("bad-1", TxnStatus.ABORTED),
     )
-    await store.close()
-    backend.corrupt("bad-1", "end", b"garbage")
-    store = backend.make()
+    store = await corrupted(backend, store, "bad-1", "end", b"garbage")
     await store.open()  # it reads only what is open
     try:
         with pytest.raises(StoreError, match="bad-1"):
@@ -859,9 +864,7 @@ async def test_purge_leaves_an_unreadable_transaction_and_goes_on(
     for txid in ("a-good", "bad-1", "z-good"):
         await write(store, begin(txid), decided(txid, Decision.ABORT))
         await write(store, ended(txid, TxnStatus.ABORTED))
-    await store.close()
-    backend.corrupt("bad-1", "decided", b"garbage")
-    store = backend.make()
+    store = await corrupted(backend, store, "bad-1", "decided", b"garbage")
     await store.open()
     try:
         assert await store.purge(T0 + 10_000) == 2

@@ -335,13 +335,7 @@ class SQLiteStore(Store):
         """The snapshots of these transactions, in their order, read on
         ``conn`` a chunk at a time."""
         while chunk := builtins.list(itertools.islice(txids, FOLD_CHUNK)):
-            marks = ",".join("?" * len(chunk))
-            yield from self._scan_on(
-                conn,
-                f"SELECT txid, kind, at_ms, body FROM log WHERE txid IN ({marks})"
-                " ORDER BY txid, seq",
-                chunk,
-            )
+            yield from self._scan_on(conn, _records_of(len(chunk)), chunk)
 
     async def purge(self, before_ms: int) -> int:
         check_purge(before_ms)
@@ -358,12 +352,7 @@ class SQLiteStore(Store):
                 ids = [
                     t for (t,) in conn.execute(_PURGE_CANDIDATES, (after, before_ms, FOLD_CHUNK))
                 ]
-                marks = ",".join("?" * len(ids))
-                records = conn.execute(
-                    f"SELECT txid, kind, at_ms, body FROM log WHERE txid IN ({marks})"
-                    " ORDER BY txid, seq",
-                    ids,
-                ).fetchall()
+                records = conn.execute(_records_of(len(ids)), ids).fetchall()
                 gone = [
                     snap.txid
                     for snap in fold_readable(records)
@@ -425,6 +414,12 @@ class SQLiteStore(Store):
                 yield fold_records(current or "", records)
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot read the log: {exc}") from exc
+
+
+def _records_of(n: int) -> str:
+    """The records of ``n`` transactions (ids as parameters), each in order."""
+    marks = ",".join("?" * n)
+    return f"SELECT txid, kind, at_ms, body FROM log WHERE txid IN ({marks}) ORDER BY txid, seq"
 
 
 def _distinct(ids: Iterable[str]) -> Iterator[str]:
